@@ -1,0 +1,197 @@
+"""Microbenchmark of Batch-OMP backends against scikit-learn (`lasers-bench omp`).
+
+Each row times batch_omp on N random signals against a random unit-norm dictionary: best of --repeats calls
+after one warm-up call. Derived figures (the same formulas for every backend, so they compare algorithms, not
+what one implementation happens to do):
+
+  flops = 2 N K dim                    correlations alpha0 = X D^T
+        + sum_{s=1}^{S-1} 2 N K s      alpha updates alpha = alpha0 - G[:, tau] gamma (none after the last step)
+        + sum_{s=1}^{S} 2 N s^2        the two triangular solves per step
+  bytes = N dim b                      X read once
+        + N S (8 + b)                  codes written (int64 indices + coefficients)
+        + ceil(N / C) K^2 4            one fp32 Gram read per chunk, C = the torch backend's default chunk size
+  with b the bytes per element of the input dtype.
+
+scikit-learn's orthogonal_mp_gram runs on the first --sklearn-subset signals in float64 (Gram precomputed,
+Xy = D X^T timed with it), and each row reports its speed-up over it for the same (K, dim, S).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from lasers_dist.sparse import batch_omp
+from lasers_dist.sparse.omp import _default_chunk_size
+
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+GRID = {"n": [2**14, 2**16, 2**20], "atoms": [256, 512, 1024], "sparsity": [3, 5, 8], "dim": [16, 64]}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lasers-bench omp", description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=65536, help="signals per call")
+    parser.add_argument("--atoms", type=int, default=512, help="dictionary atoms K")
+    parser.add_argument("--dim", type=int, default=16, help="signal dimension")
+    parser.add_argument("--sparsity", type=int, default=5, help="atoms per signal S")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", choices=["torch", "triton", "all"], default="all",
+                        help="all = every backend available on the device")
+    parser.add_argument("--grid", action="store_true",
+                        help="sweep N in {2^14, 2^16, 2^20}, K in {256, 512, 1024}, S in {3, 5, 8}, dim in {16, 64}")
+    parser.add_argument("--sklearn-subset", type=int, default=2048,
+                        help="signals timed with sklearn's orthogonal_mp_gram (0: skip sklearn)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-size", type=int, default=None, help="torch backend chunk size (default: auto)")
+    parser.add_argument("--json", type=Path, default=Path("bench_results/omp.json"))
+    return parser.parse_args(argv)
+
+
+def derived_counts(n: int, atoms: int, dim: int, sparsity: int, elem_bytes: int) -> tuple[float, float]:
+    """(flops, bytes) of one Batch-OMP call, by the formulas in the module docstring."""
+    flops = 2 * n * atoms * dim
+    flops += sum(2 * n * atoms * s for s in range(1, sparsity))
+    flops += sum(2 * n * s * s for s in range(1, sparsity + 1))
+    chunks = math.ceil(n / _default_chunk_size(atoms))
+    moved = n * dim * elem_bytes + n * sparsity * (8 + elem_bytes) + chunks * atoms * atoms * 4
+    return float(flops), float(moved)
+
+
+def time_best(fn, repeats: int, device: torch.device) -> float:
+    """Best wall time of `repeats` calls after one warm-up call."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def make_problem(n: int, atoms: int, dim: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    dictionary = torch.randn(atoms, dim, generator=gen)
+    dictionary = dictionary / dictionary.norm(dim=1, keepdim=True)
+    x = torch.randn(n, dim, generator=gen)
+    return x.to(device=device, dtype=dtype), dictionary.to(device=device, dtype=torch.float32)
+
+
+def time_sklearn(x: torch.Tensor, dictionary: torch.Tensor, sparsity: int, repeats: int) -> float:
+    from sklearn.linear_model import orthogonal_mp_gram
+
+    d = dictionary.double().cpu().numpy()
+    signals = x.double().cpu().numpy()
+    gram = d @ d.T
+    return time_best(lambda: orthogonal_mp_gram(gram, d @ signals.T, n_nonzero_coefs=sparsity),
+                     repeats, torch.device("cpu"))
+
+
+def backends_for(requested: str, device: torch.device) -> tuple[list[str], list[dict]]:
+    """Backends to time and the skipped ones with their reason."""
+    wanted = ["torch", "triton"] if requested == "all" else [requested]
+    run, skipped = [], []
+    for backend in wanted:
+        if backend == "triton":
+            if requested == "all" and device.type != "cuda":
+                skipped.append({"backend": "triton", "reason": f"Triton kernels need a CUDA device, got {device}"})
+                continue
+            try:
+                from lasers_dist.kernels.omp_triton import batch_omp_triton  # noqa: F401
+            except ImportError as error:
+                skipped.append({"backend": "triton", "reason": f"cannot import the Triton kernel: {error}"})
+                continue
+        run.append(backend)
+    return run, skipped
+
+
+def bench_config(args, n, atoms, dim, sparsity, backends, device, skipped) -> list[dict]:
+    dtype = DTYPES[args.dtype]
+    x, dictionary = make_problem(n, atoms, dim, dtype, device)
+    rows = []
+    sklearn_rate = None
+    if args.sklearn_subset > 0:
+        subset = min(args.sklearn_subset, n)
+        seconds = time_sklearn(x[:subset], dictionary, sparsity, args.repeats)
+        sklearn_rate = subset / seconds
+        flops, moved = derived_counts(subset, atoms, dim, sparsity, 8)
+        rows.append(dict(backend="sklearn", device="cpu", dtype="fp64", N=subset, K=atoms, dim=dim, S=sparsity,
+                         seconds=seconds, vectors_per_s=sklearn_rate, gflops=flops / seconds / 1e9,
+                         gbps=moved / seconds / 1e9, speedup_vs_sklearn=1.0))
+    for backend in backends:
+        kwargs = {"chunk_size": args.chunk_size} if backend == "torch" else {}
+        try:
+            seconds = time_best(lambda: batch_omp(x, dictionary, sparsity, backend=backend, **kwargs),
+                                args.repeats, device)
+        except (RuntimeError, ValueError) as error:
+            skipped.append({"backend": backend, "N": n, "K": atoms, "dim": dim, "S": sparsity,
+                            "reason": f"{type(error).__name__}: {error}"})
+            continue
+        flops, moved = derived_counts(n, atoms, dim, sparsity, x.element_size())
+        rate = n / seconds
+        rows.append(dict(backend=backend, device=str(device), dtype=args.dtype, N=n, K=atoms, dim=dim, S=sparsity,
+                         seconds=seconds, vectors_per_s=rate, gflops=flops / seconds / 1e9,
+                         gbps=moved / seconds / 1e9,
+                         speedup_vs_sklearn=rate / sklearn_rate if sklearn_rate else None))
+    return rows
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "cpu": platform.processor() or platform.machine()}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        if names:
+            info["cpu"] = names[0]
+    info["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else info["cpu"]
+    return info
+
+
+def print_table(rows: list[dict], skipped: list[dict]) -> None:
+    columns = [("backend", "{}"), ("device", "{}"), ("dtype", "{}"), ("N", "{}"), ("K", "{}"), ("dim", "{}"),
+               ("S", "{}"), ("seconds", "{:.4f}"), ("vectors_per_s", "{:,.0f}"), ("gflops", "{:.2f}"),
+               ("gbps", "{:.3f}"), ("speedup_vs_sklearn", "{:.1f}x")]
+    cells = [[name for name, _ in columns]]
+    for row in rows:
+        cells.append(["-" if row[name] is None else fmt.format(row[name]) for name, fmt in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
+    for skip in skipped:
+        print(f"skipped {skip['backend']}: {skip['reason']}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    backends, skipped = backends_for(args.backend, device)
+    configs = ([(n, k, d, s) for n in GRID["n"] for k in GRID["atoms"] for d in GRID["dim"] for s in GRID["sparsity"]]
+               if args.grid else [(args.n, args.atoms, args.dim, args.sparsity)])
+    rows = []
+    for n, atoms, dim, sparsity in configs:
+        rows += bench_config(args, n, atoms, dim, sparsity, backends, device, skipped)
+    print_table(rows, skipped)
+    result = {"rows": rows, "skipped": skipped, "machine": machine_info(device),
+              "flops_formula": "2NK*dim + sum_{s<S} 2NKs + sum_{s<=S} 2Ns^2",
+              "bytes_formula": "N*dim*b + N*S*(8+b) + ceil(N/chunk)*K^2*4"}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

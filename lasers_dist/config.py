@@ -1,0 +1,292 @@
+"""Experiment configuration: YAML files -> typed dataclasses.
+
+Every section is a dataclass; unknown keys, wrong types and values outside a field's choices are errors that
+name the dotted key and what is allowed. `validate` checks the combinations that only make sense together
+(sparsity vs atoms, patch vs latent map, batch vs world size, shards on disk) so a bad run fails before any
+process group starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, mistyped or inconsistent with another key."""
+
+
+def _choice(default: str, *choices: str) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""  # brace pattern or glob, e.g. data/photos/train-{000000..000007}.tar
+    val_shards: str = ""
+    image_size: int = 256
+    mode: str = _choice("resampled", "resampled", "split")
+    batches_per_epoch: int = 1000  # per rank; the epoch length in resampled mode
+    num_workers: int = 2
+    degradation: str = _choice("none", "none", "super_resolution", "inpainting")
+    inpaint_fraction: float = 0.25
+    sr_factor: int = 4
+
+
+@dataclass
+class ModelConfig:
+    bottleneck: str = _choice("dictionary", "dictionary", "vq")
+    num_atoms: int = 512  # dictionary atoms, or codebook size for vq
+    embed_dim: int = 16
+    sparsity: int = 5  # atoms per coded signal (ignored by vq)
+    patch_size: list[int] = field(default_factory=lambda: [1, 1])
+    beta: float = 0.25  # commitment weight
+    dictionary_update: str = _choice("gradient", "gradient", "online")
+    ema_decay: float = 0.99  # vq codebook EMA
+    revive_dead_every: int = 0  # 0 = off
+    omp_backend: str = _choice("auto", "auto", "torch", "triton")
+    architecture: str = _choice("light", "light", "deep")
+    in_channels: int = 3
+    hidden_channels: int = 128  # light: hidden units; deep: base channel count
+    num_res_blocks: int = 2
+    channel_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])  # deep: len - 1 downsamplings
+    attention: bool = False  # deep: self-attention at the lowest resolution
+    norm_groups: int = 32
+    checkpoint_activations: bool = False
+    discriminator: bool = False  # True makes DL-GAN / VQ-GAN
+    disc_layers: int = 3  # 3 layers = 70x70 receptive field
+    disc_channels: int = 64
+
+
+@dataclass
+class LossConfig:
+    perceptual_weight: float = 0.5  # recon = (1 - w) * MSE + w * LPIPS; the paper's eta = 1 - w = 0.5
+    lpips_net: str = _choice("alex", "alex", "vgg", "squeeze")
+    lpips_random_backbone: bool = False  # tests only: not real LPIPS
+    codebook_weight: float = 1.0
+    gan_loss: str = _choice("hinge", "hinge", "non_saturating")
+    disc_weight: float = 1.0  # multiplies the adaptive weight
+    adaptive_weight: bool = True
+    disc_start: int = 0  # optimizer step from which the GAN terms are on
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    disc_lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    weight_decay: float = 0.0
+    schedule: str = _choice("cosine", "cosine", "constant")
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 0.0  # 0 = no clipping (DeepSpeed's own default would be 1.0)
+    grad_accum_steps: int = 1
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 32  # global images per optimizer step, over all ranks and accumulation steps
+    checkpoint_every: int = 1000
+    out_dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 500
+    val_every: int = 0  # 0 = validate only at the end
+    val_batches: int = 4
+    keep_checkpoints: int = 3
+    precision: str = _choice("fp32", "fp32", "bf16")
+    collective_timeout_s: float = 600.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    config_file: str = ""  # optional DeepSpeed JSON merged under ours
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotated type `tp`; ints widen to float, nothing else is converted."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(
+            f"config key '{key}': expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _section_from_dict(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{prefix}' must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; "
+            f"allowed in '{prefix}': {', '.join(sorted(known))}"
+        )
+    values = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}"
+        value = _coerce(key, value, hints[name])
+        choices = known[name].metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(choices)}")
+        values[name] = value
+    return cls(**values)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build a `Config` from nested dicts (missing keys take their defaults)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {', '.join(unknown)}; allowed: {', '.join(sections)}")
+    return Config(**{name: _section_from_dict(hints[name], {} if raw[name] is None else raw[name], name) for name in raw})
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML scalars or lists) to nested dicts in place."""
+    for item in overrides:
+        dotted, sep, text = item.partition("=")
+        parts = dotted.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.max_steps=200")
+        section, key = parts
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"override {item!r}: config section '{section}' is not a mapping")
+        raw[section][key] = yaml.safe_load(text) if text.strip() else ""
+    return raw
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config file, apply dotted overrides, and type-check every key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    try:
+        return config_from_dict(apply_overrides(raw, overrides))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def downsample_factor(model: ModelConfig) -> int:
+    """How many pixels one latent position spans per side."""
+    return 4 if model.architecture == "light" else 2 ** (len(model.channel_mult) - 1)
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Expand a brace pattern (`train-{000000..000127}.tar`) and shell globs into a sorted list of shard paths.
+
+    Remote URLs (anything with `://` or a `pipe:` prefix) are kept as written: only WebDataset can open them.
+    """
+    import braceexpand  # shipped with webdataset
+
+    urls: list[str] = []
+    for part in braceexpand.braceexpand(pattern):
+        if "://" in part or part.startswith("pipe:") or not glob.has_magic(part):
+            urls.append(part)
+        else:
+            urls.extend(sorted(glob.glob(part)))
+    return urls
+
+
+def _check_shards(key: str, pattern: str) -> None:
+    if not pattern:
+        raise ConfigError(f"config key '{key}' is empty: give the shard pattern, e.g. data/photos/train-*.tar")
+    urls = expand_shards(pattern)
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).is_file()]
+    if not urls or missing:
+        shown = ", ".join(missing[:3]) or pattern
+        raise ConfigError(
+            f"config key '{key}': no shard file at {shown}; build shards with `lasers-shard SOURCE OUT_DIR` "
+            f"(or `lasers-shard --builtin photos OUT_DIR`) and point {key} at OUT_DIR/train-*.tar"
+        )
+
+
+def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None:
+    """Reject impossible combinations before any process group starts."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if m.num_atoms < 1 or m.embed_dim < 1:
+        raise ConfigError("model.num_atoms and model.embed_dim must be >= 1")
+    if m.bottleneck == "dictionary" and not 1 <= m.sparsity <= m.num_atoms:
+        raise ConfigError(f"model.sparsity={m.sparsity} must be in [1, model.num_atoms={m.num_atoms}]")
+    if len(m.patch_size) != 2 or min(m.patch_size) < 1:
+        raise ConfigError(f"model.patch_size must be two positive ints [P_H, P_W], got {m.patch_size}")
+    if m.bottleneck == "vq" and m.patch_size != [1, 1]:
+        raise ConfigError("model.patch_size must be [1, 1] for model.bottleneck=vq")
+    if m.architecture == "deep" and not 3 <= len(m.channel_mult) <= 6:
+        raise ConfigError(f"model.channel_mult needs 3 to 6 entries (2 to 5 downsamplings), got {m.channel_mult}")
+    factor = downsample_factor(m)
+    if d.image_size % factor:
+        raise ConfigError(f"data.image_size={d.image_size} is not divisible by the encoder's downsampling {factor}")
+    latent = d.image_size // factor
+    if latent % m.patch_size[0] or latent % m.patch_size[1]:
+        raise ConfigError(
+            f"model.patch_size={m.patch_size} does not divide the {latent}x{latent} latent map "
+            f"(data.image_size={d.image_size} / {factor})"
+        )
+    if not 0.0 <= cfg.loss.perceptual_weight <= 1.0:
+        raise ConfigError(f"loss.perceptual_weight={cfg.loss.perceptual_weight} must be in [0, 1]")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} is not one of 0, 1, 2")
+    per_step = world_size * cfg.optim.grad_accum_steps
+    if t.batch_size < per_step or t.batch_size % per_step:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} must be a positive multiple of world size ({world_size}) x "
+            f"optim.grad_accum_steps ({cfg.optim.grad_accum_steps})"
+        )
+    for name in ("max_steps", "checkpoint_every", "log_every", "keep_checkpoints"):
+        if getattr(t, name) < 1:
+            raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+    if check_files:
+        _check_shards("data.train_shards", d.train_shards)
+        if d.val_shards:
+            _check_shards("data.val_shards", d.val_shards)
+        if cfg.deepspeed.config_file and not Path(cfg.deepspeed.config_file).is_file():
+            raise ConfigError(f"config key 'deepspeed.config_file': {cfg.deepspeed.config_file} does not exist")

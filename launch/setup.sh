@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install whatever this checkout needs and is missing; safe to run again (it does nothing when all is there).
+#   PYTHON       interpreter to install into (default: python3)
+#   TORCH_SPEC   how to get torch when it is absent (default: the release this project is tested with;
+#                on a GPU cluster, install your own CUDA build of torch first and this step is skipped)
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+py=${PYTHON:-python3}
+torch_spec=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+
+if ! "$py" -c "import torch, torchvision" >/dev/null 2>&1; then
+  echo "[setup] installing $torch_spec"
+  # shellcheck disable=SC2086
+  "$py" -m pip install --quiet $torch_spec
+fi
+
+# The editable install must point at THIS checkout (CI clones into a new folder) and every dependency must import.
+installed_from=$("$py" - <<'PY' 2>/dev/null || true
+import importlib.util, pathlib
+spec = importlib.util.find_spec("lasers_dist.kernels")
+import deepspeed, webdataset, lpips, safetensors, skimage, sklearn, pytest, pytest_timeout, yaml, tqdm  # noqa: F401
+print(pathlib.Path(spec.origin).resolve().parent.parent)
+PY
+)
+installed_from=${installed_from##*$'\n'}  # last line only: deepspeed logs to stdout on import
+if [[ "$installed_from" != "$repo" ]]; then
+  echo "[setup] installing lasers_dist (editable, with the dev extra) from $repo"
+  # DS_BUILD_OPS=0: DeepSpeed installs from source without compiling its CUDA/C++ ops (JIT-built if ever used).
+  (cd "$repo" && DS_BUILD_OPS=0 "$py" -m pip install --quiet -e ".[dev]")
+fi
+echo "[setup] ready: $("$py" -c 'import torch, deepspeed; print("torch", torch.__version__, "| deepspeed", deepspeed.__version__)' 2>/dev/null | tail -n 1)"
