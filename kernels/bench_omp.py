@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="signals timed with sklearn's orthogonal_mp_gram (0: skip sklearn)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-size", type=int, default=None, help="torch backend chunk size (default: auto)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's setting)")
     parser.add_argument("--json", type=Path, default=Path("bench_results/omp.json"))
     return parser.parse_args(argv)
 
@@ -176,6 +177,8 @@ def print_table(rows: list[dict], skipped: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     backends, skipped = backends_for(args.backend, device)
     configs = ([(n, k, d, s) for n in GRID["n"] for k in GRID["atoms"] for d in GRID["dim"] for s in GRID["sparsity"]]

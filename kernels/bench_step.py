@@ -7,8 +7,9 @@ behind the slice of DeepSpeed's engine interface that train_step calls: the benc
 not DeepSpeed's bookkeeping or communication.
 
 OMP time is batch_omp alone on the step's own signals (the encoder's latents of the same batch, cut into
-signals as the bottleneck does), timed like the steps: median of --steps runs after a warm-up, with
-torch.cuda.synchronize on GPU. Without the LPIPS backbone weights (offline machines) the loss uses a random
+signals as the bottleneck does). DL-GAN step, OMP and VQ-GAN step are timed in turn, round after round (medians
+of --steps rounds after one warm-up call each, torch.cuda.synchronize around each call on GPU), so that load
+from other processes hits all three alike. Without the LPIPS backbone weights (offline machines) the loss uses a random
 backbone of the same architecture: the same work, so the same time, but noted in the JSON.
 """
 
@@ -95,42 +96,49 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def time_steps(cfg: Config, images: torch.Tensor, recon_loss: nn.Module, steps: int, seed: int) -> dict:
-    """Median ms of train_step for the config's model (one warm-up step first), plus the model it trained."""
+def step_runner(cfg: Config, images: torch.Tensor, recon_loss: nn.Module, seed: int) -> tuple[Callable, nn.Module]:
+    """A closure running one train_step of the config's model on `images`, and that model's autoencoder."""
     torch.manual_seed(seed)
     device = images.device
     autoencoder = build_autoencoder(cfg.model).to(device).train()
     discriminator = build_discriminator(cfg.model).to(device).train()
     engines = Engines(TorchEngine(autoencoder, cfg.optim.lr, cfg), TorchEngine(discriminator, cfg.optim.disc_lr, cfg))
-    run = lambda: train_step(engines, recon_loss, [(images, images)], cfg.loss.disc_start, cfg)  # noqa: E731
-    run()
-    times = [timed(run, device) for _ in range(steps)]
-    return {"median_ms": statistics.median(times), "all_ms": times, "autoencoder": autoencoder}
+    return lambda: train_step(engines, recon_loss, [(images, images)], cfg.loss.disc_start, cfg), autoencoder
 
 
-def time_omp(cfg: Config, autoencoder: nn.Module, images: torch.Tensor, steps: int) -> dict:
-    """Median ms of batch_omp on the signals the bottleneck codes for `images` (one warm-up call first)."""
+def omp_runner(cfg: Config, autoencoder: nn.Module, images: torch.Tensor) -> tuple[Callable, tuple[int, int]]:
+    """A closure running batch_omp on the signals the bottleneck codes for `images`, and their shape."""
     bottleneck = autoencoder.bottleneck
     with torch.no_grad():
         signals = to_signals(autoencoder.encoder(images), bottleneck.patch_size).float().contiguous()
         atoms = bottleneck.unit_atoms().detach().contiguous()
-    run = lambda: batch_omp(signals, atoms, bottleneck.sparsity, backend=cfg.model.omp_backend)  # noqa: E731
-    run()
-    times = [timed(run, images.device) for _ in range(steps)]
-    return {"median_ms": statistics.median(times), "all_ms": times, "signals": tuple(signals.shape),
-            "atoms": bottleneck.num_atoms, "sparsity": bottleneck.sparsity}
+    return lambda: batch_omp(signals, atoms, bottleneck.sparsity, backend=cfg.model.omp_backend), tuple(signals.shape)
+
+
+def time_interleaved(runners: dict[str, Callable], steps: int, device: torch.device) -> dict[str, list[float]]:
+    """ms per call of each runner: one warm-up call each, then `steps` rounds calling them in turn, so that
+    load from other processes or clock changes hit all of them alike."""
+    for run in runners.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(steps):
+        for name, run in runners.items():
+            times[name].append(timed(run, device))
+    return times
 
 
 def print_table(result: dict) -> None:
+    fastest = result["min_ms"]
     rows = [
-        ("DL-GAN step", f"{result['dlgan_step_ms']:.1f} ms"),
-        ("  of which OMP", f"{result['omp_ms']:.1f} ms ({100 * result['omp_share']:.1f}% of the step)"),
-        ("VQ-GAN step", f"{result['vqgan_step_ms']:.1f} ms"),
+        ("DL-GAN step", f"{result['dlgan_step_ms']:.1f} ms (fastest {fastest['dlgan']:.1f})"),
+        ("  of which OMP", f"{result['omp_ms']:.1f} ms (fastest {fastest['omp']:.1f}), "
+                           f"{100 * result['omp_share']:.1f}% of the step"),
+        ("VQ-GAN step", f"{result['vqgan_step_ms']:.1f} ms (fastest {fastest['vqgan']:.1f})"),
         ("DL-GAN / VQ-GAN", f"{result['dlgan_over_vqgan']:.3f}x"),
     ]
     print(f"device {result['device_name']}, batch {result['batch']} at {result['image_size']}^2, "
           f"{result['omp_signals'][0]} signals of dim {result['omp_signals'][1]}, K={result['atoms']}, "
-          f"S={result['sparsity']}, OMP backend {result['omp_backend']}, median of {result['steps']} steps")
+          f"S={result['sparsity']}, OMP backend {result['omp_backend']}, median of {result['steps']} rounds")
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name.ljust(width)}  {value}")
@@ -147,22 +155,24 @@ def main(argv: list[str] | None = None) -> dict:
               * 2 - 1).to(device)
     recon_loss = ReconstructionLoss(cfg.loss.perceptual_weight, cfg.loss.lpips_net,
                                     cfg.loss.lpips_random_backbone).to(device)
-    dlgan = time_steps(cfg, images, recon_loss, args.steps, args.seed)
-    omp = time_omp(cfg, dlgan["autoencoder"], images, args.steps)
+    dlgan_step, autoencoder = step_runner(cfg, images, recon_loss, args.seed)
+    omp, signal_shape = omp_runner(cfg, autoencoder, images)
     vq_cfg = replace(cfg, model=replace(cfg.model, bottleneck="vq", patch_size=[1, 1]))
-    vqgan = time_steps(vq_cfg, images, recon_loss, args.steps, args.seed)
+    vqgan_step, _ = step_runner(vq_cfg, images, recon_loss, args.seed)
+    times = time_interleaved({"dlgan": dlgan_step, "omp": omp, "vqgan": vqgan_step}, args.steps, device)
+    median = {name: statistics.median(values) for name, values in times.items()}
     result = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "batch": args.batch, "image_size": args.image_size, "steps": args.steps,
-        "omp_backend": cfg.model.omp_backend, "omp_signals": list(omp["signals"]),
-        "atoms": omp["atoms"], "sparsity": omp["sparsity"],
-        "dlgan_step_ms": dlgan["median_ms"], "dlgan_step_all_ms": dlgan["all_ms"],
-        "omp_ms": omp["median_ms"], "omp_all_ms": omp["all_ms"],
-        "vqgan_step_ms": vqgan["median_ms"], "vqgan_step_all_ms": vqgan["all_ms"],
-        "omp_share": omp["median_ms"] / dlgan["median_ms"],
-        "dlgan_over_vqgan": dlgan["median_ms"] / vqgan["median_ms"],
+        "omp_backend": cfg.model.omp_backend, "omp_signals": list(signal_shape),
+        "atoms": cfg.model.num_atoms, "sparsity": cfg.model.sparsity,
+        "dlgan_step_ms": median["dlgan"], "omp_ms": median["omp"], "vqgan_step_ms": median["vqgan"],
+        "min_ms": {name: min(values) for name, values in times.items()},
+        "omp_share": median["omp"] / median["dlgan"],
+        "dlgan_over_vqgan": median["dlgan"] / median["vqgan"],
+        "all_ms": times,
         "lpips_random_backbone": random_lpips,
     }
     print_table(result)

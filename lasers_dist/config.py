@@ -103,6 +103,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     precision: str = _choice("fp32", "fp32", "bf16")
     collective_timeout_s: float = 600.0
+    stop_at_step: int = 0  # (trainer) stop early after this step as if signalled: save, exit resumable; 0 = off
 
 
 @dataclass

@@ -12,15 +12,20 @@ from lasers_dist.data.shard_writer import ShardOptions, write_split
 from lasers_dist.data.sources import Item
 
 
-def pattern(index: int, size: int) -> np.ndarray:
-    """The (size, size, 3) uint8 picture of sample `index`: random but reproducible."""
-    return np.random.default_rng(index).integers(0, 256, (size, size, 3), dtype=np.uint8)
+def pattern(index: int, size: int, smooth: bool = False) -> np.ndarray:
+    """The (size, size, 3) uint8 picture of sample `index`: random noise, or a smooth colour ramp (for JPEG)."""
+    rng = np.random.default_rng(index)
+    if not smooth:
+        return rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    y, x = np.linspace(0, 1, size)[:, None, None], np.linspace(0, 1, size)[None, :, None]
+    return np.rint(rng.uniform(70, 180, 3) + y * rng.uniform(-60, 60, 3) + x * rng.uniform(-60, 60, 3)).astype(np.uint8)
 
 
 def make_shards(out_dir: Path, n_shards: int, per_shard: int, *, size: int = 16, split: str = "train",
-                image_format: str = "png") -> list[str]:
+                image_format: str = "png", smooth: bool = False) -> list[str]:
     """Write n_shards x per_shard labelled samples (label = index % 10); returns the shard paths."""
-    items = [Item(i, f"sample{i}", i % 10, None, ("pixels", pattern(i, size))) for i in range(n_shards * per_shard)]
+    items = [Item(i, f"sample{i}", i % 10, None, ("pixels", pattern(i, size, smooth)))
+             for i in range(n_shards * per_shard)]
     manifest = write_split(items, out_dir, split, ShardOptions(None, image_format, 95, per_shard),
                            source_info={"path": "test"})
     return [str(Path(out_dir) / s["name"]) for s in manifest["shards"]]

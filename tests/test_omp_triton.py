@@ -17,10 +17,13 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernel needs the `triton` package")
 
+from lasers_dist.kernels import omp_triton  # noqa: E402
 from lasers_dist.kernels.omp_triton import EPS, batch_omp_triton, triton_supported  # noqa: E402
 from lasers_dist.sparse import SparseCodes, batch_omp  # noqa: E402
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Whether the kernels of this process were defined under the interpreter (not merely whether the variable is
+# set now: it only counts if it was set before omp_triton was first imported).
+INTERPRETED = omp_triton._interpreted()
 # The interpreter child runs the kernel cases on CPU tensors; the parent runs them natively where CUDA exists.
 KERNEL_DEVICES = ["cpu"] if INTERPRETED else [
     pytest.param("cuda", marks=pytest.mark.skipif(
@@ -67,7 +70,7 @@ def _assert_valid_codes(indices: torch.Tensor, coeffs: torch.Tensor, num_atoms: 
     assert (sorted_ids[:, 1:] != sorted_ids[:, :-1]).all(), "an atom appears twice in one row"
 
 
-def _assert_matches_reference(x, dictionary, indices, coeffs, reference, max_near_tie_fraction=0.02):
+def _assert_matches_reference(x, dictionary, indices, coeffs, reference, max_near_tie_fraction=0.1):
     _assert_valid_codes(indices, coeffs, dictionary.shape[0])
     same = (indices == reference.indices).all(dim=1)
     near = _near_tie_rows(x, dictionary, reference.indices)
@@ -86,6 +89,7 @@ SHAPES = [
     (257, 300, 40, 8),
     (70, 1500, 24, 3),
     (33, 100, 5, 1),
+    (48, 300, 32, 16),  # the largest sparsity: L is (16, 16) per signal
 ]
 
 

@@ -40,7 +40,7 @@ class ShardOptions:
     size: int | None = None  # resize shorter side to `size` + center crop; None keeps the original size
     image_format: str = "png"  # "png" (lossless) or "jpeg"
     quality: int = 95  # JPEG quality
-    max_count: int = 1000  # samples per shard
+    max_count: int = 1000  # at most this many samples per shard (a split is spread evenly over its shards)
     max_bytes: int | None = None  # approximate bytes per shard (tar headers included)
 
     def __post_init__(self) -> None:
@@ -71,7 +71,8 @@ def encode_item(item: Item, options: ShardOptions) -> tuple[str, list[tuple[str,
             img = center_crop(resize_shorter_side(img, options.size), options.size)
         payload = encode(img, options.image_format, options.quality)
     except Exception as e:  # one bad file must never abort a job of 70,000: record it and go on
-        return _sample_key(item), None, f"{type(e).__name__}: {e}", ()
+        message = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "data", str(e))  # no memory addresses in manifests
+        return _sample_key(item), None, f"{type(e).__name__}: {message}", ()
     ext = "png" if options.image_format == "png" else "jpg"
     meta = {"source": item.key, "label": item.label, "width": orig_w, "height": orig_h, "mode": mode}
     members = [(ext, payload)]
@@ -212,6 +213,8 @@ def write_split(items: list[Item], out_dir: str | os.PathLike, split: str, optio
     shard is committed (progress is durable at that point, so an exception raised there is a clean stop).
     `image_size` is recorded in the manifest when the items are already square crops of that size.
     """
+    if len({it.index for it in items}) != len(items):
+        raise ValueError(f"split {split!r}: item indices are not unique, so shard keys would collide")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(source_info, options, split, items)
@@ -237,6 +240,9 @@ def write_split(items: list[Item], out_dir: str | os.PathLike, split: str, optio
         if on_shard is not None:
             on_shard(entry)
 
+    # Spread the split evenly over the fewest shards that respect max_count (no small remainder shard:
+    # split-mode streams can only use as many batches as their smallest shards allow).
+    per_shard = -(-len(items) // max(1, -(-len(items) // options.max_count)))
     start = state["next_item"]
     encoded = _encoded_stream(items[start:], options, workers)
     try:
@@ -251,7 +257,7 @@ def write_split(items: list[Item], out_dir: str | os.PathLike, split: str, optio
             if current is None:
                 current = _ShardFile(out / f"{split}-{len(state['shards']):06d}.tar", pos)
             current.add(key, members)
-            if current.count >= options.max_count:
+            if current.count >= per_shard:
                 commit(pos + 1)
         if current is not None:
             commit(len(items))

@@ -302,7 +302,8 @@ def _read_cifar10(path: Path, cache_dir: Path) -> Source:
     for name in names:
         pixels, labels = _cifar_batch(blobs[name], name)
         split = "test" if name == "test_batch" else "train"
-        items += [Item(len(items), f"{name}/{j}", labels[j], split, ("pixels", pixels[j])) for j in range(len(labels))]
+        start = len(items)
+        items += [Item(start + j, f"{name}/{j}", labels[j], split, ("pixels", pixels[j])) for j in range(len(labels))]
     return Source("cifar10", str(path), items, True, [], [])
 
 
@@ -344,7 +345,8 @@ def _read_mnist(path: Path, cache_dir: Path) -> Source:
         labels = _read_idx(files[(split, "labels")], 0x801)
         if len(images) != len(labels):
             raise ValueError(f"MNIST {split}: {len(images)} images but {len(labels)} labels")
-        items += [Item(len(items), f"{split}/{j}", int(labels[j]), split, ("pixels", images[j]))
+        start = len(items)
+        items += [Item(start + j, f"{split}/{j}", int(labels[j]), split, ("pixels", images[j]))
                   for j in range(len(images))]
     return Source("mnist", str(path), items, True, [], [])
 

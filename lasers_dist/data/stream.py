@@ -14,6 +14,7 @@ How the determinism works (details in `order.py` and `reader.py`):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -62,8 +63,8 @@ class _Spec:
         return [int(i) for i in order[worker * self.world_size + self.rank::slots]]
 
 
-def _worker_batches(spec: _Spec, epoch: int, worker: int, cursor: int, lost: int, damaged: int,
-                    num_batches: int) -> Iterator[dict]:
+def _worker_batches(spec: _Spec, epoch: int, worker: int, cursor: int, num_batches: int) -> Iterator[dict]:
+    """`num_batches` batches of logical `worker` in `epoch`, starting at `cursor` in its sample order."""
     if num_batches <= 0:
         return
     order = SampleOrder(list(spec.counts), spec.shard_ids(worker, epoch), mode=spec.mode, seed=spec.seed,
@@ -77,7 +78,7 @@ def _worker_batches(spec: _Spec, epoch: int, worker: int, cursor: int, lost: int
     try:
         for _ in range(num_batches):
             rng = np.random.default_rng([spec.seed, spec.rank, worker, epoch, order.emitted, 2])
-            crops, labels, keys, lost_run = [], [], [], 0
+            crops, labels, keys, lost_run, lost, damaged = [], [], [], 0, 0, fetcher.damaged_shards
             while len(crops) < spec.batch_size:
                 sample = fetcher.fetch(next(order))
                 decoded = decode_sample(sample[1], draft) if sample is not None else None
@@ -97,25 +98,34 @@ def _worker_batches(spec: _Spec, epoch: int, worker: int, cursor: int, lost: int
             if spec.degradation is not None:
                 batch.update(degrade(images, spec.degradation, sr_factor=spec.sr_factor,
                                      mask_fraction=spec.mask_fraction))
-            batch.update(_worker=worker, _cursor=order.emitted, _lost=lost,
-                         _damaged=damaged + fetcher.damaged_shards)
+            batch.update(_epoch=epoch, _worker=worker, _cursor=order.emitted, _lost=lost,
+                         _damaged=fetcher.damaged_shards - damaged)
             yield batch
     finally:
         fetcher.close()
 
 
-class _EpochDataset(IterableDataset):
-    """The part of one epoch that the DataLoader workers produce; worker j plays logical worker
-    (j + offset) % W so that a stream resumed at batch t continues the round-robin at worker t % W."""
+class _StreamDataset(IterableDataset):
+    """The endless batch sequence of one rank from a given position, as the DataLoader's workers produce it.
 
-    def __init__(self, spec: _Spec, epoch: int, offset: int, plans: list[tuple[int, int, int, int]]):
-        self.spec, self.epoch, self.offset, self.plans = spec, epoch, offset, plans
+    DataLoader task k (k = 0, 1, ...) goes to worker k % W and is the rank's batch number start + k, counted
+    from the start of `epoch`. Within one epoch that batch (epoch e, index i) must come from logical worker
+    i % W, so worker j plays logical worker (j + start - (e - epoch) * N) % W during epoch e: the same
+    processes serve every epoch.
+    """
+
+    def __init__(self, spec: _Spec, epoch: int, start: int, cursors: list[int], batches_per_epoch: int):
+        self.spec, self.epoch, self.start, self.cursors, self.n = spec, epoch, start, cursors, batches_per_epoch
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = ((info.id if info is not None else 0) + self.offset) % self.spec.workers
-        cursor, lost, damaged, num_batches = self.plans[worker]
-        return _worker_batches(self.spec, self.epoch, worker, cursor, lost, damaged, num_batches)
+        j, W = (info.id if info is not None else 0), self.spec.workers
+        for epoch in itertools.count(self.epoch):
+            first = self.start if epoch == self.epoch else 0
+            worker = (j + self.start - (epoch - self.epoch) * self.n) % W
+            count = len(range(worker, self.n, W)) - len(range(worker, first, W))
+            cursor = self.cursors[worker] if epoch == self.epoch else 0
+            yield from _worker_batches(self.spec, epoch, worker, cursor, count)
 
 
 class ShardStream:
@@ -144,6 +154,11 @@ class ShardStream:
         resize: resize the shorter side to image_size before cropping (True) or crop at native scale (False;
             images smaller than image_size are always resized up).
         pin_memory: pin batches when CUDA is available.
+        multiprocessing_context: start method of the DataLoader workers ("fork", "spawn", "forkserver";
+            None: torch's default, which inside a process started by spawn is spawn).
+
+    Workers: one DataLoader serves all epochs. It starts at the first batch requested and is restarted only
+    by `load_state_dict`, `set_epoch` or `close()` (the workers then re-derive their positions).
 
     Iteration: `for batch in stream` yields the REST of the current epoch (`len(stream)` batches for a fresh
     epoch) and then moves to the next epoch, so successive loops walk through epochs 0, 1, 2, ...;
@@ -169,7 +184,8 @@ class ShardStream:
                  mode: str = "resampled", train: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, batches_per_epoch: int | None = None, degradation: str | None = None,
                  sr_factor: int = 4, mask_fraction: float = 0.25, shuffle: bool | None = None,
-                 shuffle_buffer: int = 512, resize: bool = True, pin_memory: bool = True, prefetch_factor: int = 2):
+                 shuffle_buffer: int = 512, resize: bool = True, pin_memory: bool = True, prefetch_factor: int = 2,
+                 multiprocessing_context: str | None = None):
         _check_args(batch_size, image_size, mode, rank, world_size, num_workers, degradation, sr_factor,
                     mask_fraction)
         shard_urls = expand_urls(urls)
@@ -179,14 +195,15 @@ class ShardStream:
                           train if shuffle is None else shuffle, shuffle_buffer, resize, seed, rank, world_size,
                           workers, degradation, sr_factor, mask_fraction)
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.multiprocessing_context = multiprocessing_context
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.batches_per_epoch = _batches_per_epoch(self.spec, batches_per_epoch)
         self._identity = hashlib.sha256(
             repr([(os.path.basename(u), c) for u, c in zip(shard_urls, counts)]).encode()).hexdigest()[:16]
         self.epoch, self.batches_yielded = 0, 0
-        self._cursors, self._lost, self._damaged = [0] * workers, [0] * workers, [0] * workers
-        self._lost_before, self._damaged_before = 0, 0
-        self._generation = 0
+        self._cursors = [0] * workers
+        self._lost, self._damaged = 0, 0
+        self._live: Iterator[dict] | None = None  # the running DataLoader iterator, positioned at our state
 
     # ---- iteration --------------------------------------------------------------------------------------
 
@@ -194,63 +211,62 @@ class ShardStream:
         return self.batches_per_epoch
 
     def __iter__(self) -> Iterator[dict]:
-        self._generation += 1
-        return self._epoch_batches(self._generation)
+        """The rest of the current epoch."""
+        epoch = self.epoch
+        while self.epoch == epoch:
+            yield self._next_batch()
 
     def forever(self) -> Iterator[dict]:
         """All batches of all epochs from the current position on."""
         while True:
-            yield from self
+            yield self._next_batch()
 
-    def _epoch_batches(self, generation: int) -> Iterator[dict]:
-        if self.batches_yielded >= self.batches_per_epoch:
-            self._next_epoch(self.epoch + 1)
-        W, start, total = self.spec.workers, self.batches_yielded, self.batches_per_epoch
-        plans = [(self._cursors[w], self._lost[w], self._damaged[w],
-                  len(range(w, total, W)) - len(range(w, start, W))) for w in range(W)]
-        dataset = _EpochDataset(self.spec, self.epoch, start % W, plans)
+    def _start(self) -> Iterator[dict]:
+        dataset = _StreamDataset(self.spec, self.epoch, self.batches_yielded, list(self._cursors),
+                                 self.batches_per_epoch)
+        workers = self.num_workers > 0
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None)
-        for batch in loader:
-            if generation != self._generation:
-                return  # a newer iteration took over this stream's position
-            worker = batch.pop("_worker")
-            if worker != self.batches_yielded % W:
-                raise RuntimeError(f"batch {self.batches_yielded} came from worker {worker}, expected "
-                                   f"{self.batches_yielded % W}: the DataLoader did not hand out batches round-robin")
-            self._cursors[worker] = batch.pop("_cursor")
-            self._lost[worker] = batch.pop("_lost")
-            self._damaged[worker] = batch.pop("_damaged")
-            self.batches_yielded += 1
-            yield batch
-        if self.batches_yielded != total:
-            raise RuntimeError(f"epoch {self.epoch} ended after {self.batches_yielded} of {total} batches")
-        self._next_epoch(self.epoch + 1)
+                            prefetch_factor=self.prefetch_factor if workers else None,
+                            multiprocessing_context=self.multiprocessing_context if workers else None)
+        return iter(loader)
 
-    def _next_epoch(self, epoch: int) -> None:
-        self._lost_before += sum(self._lost)
-        self._damaged_before += sum(self._damaged)
-        W = self.spec.workers
-        self.epoch, self.batches_yielded = epoch, 0
-        self._cursors, self._lost, self._damaged = [0] * W, [0] * W, [0] * W
+    def _next_batch(self) -> dict:
+        if self._live is None:
+            self._live = self._start()
+        batch = next(self._live)
+        W, where = self.spec.workers, (self.epoch, self.batches_yielded % self.spec.workers)
+        if (batch.pop("_epoch"), batch.pop("_worker")) != where:
+            raise RuntimeError(f"batch {self.batches_yielded} of epoch {self.epoch} did not come from logical "
+                               f"worker {where[1]}: the DataLoader did not hand out batches round-robin")
+        self._cursors[where[1]] = batch.pop("_cursor")
+        self._lost += batch.pop("_lost")
+        self._damaged += batch.pop("_damaged")
+        self.batches_yielded += 1
+        if self.batches_yielded == self.batches_per_epoch:
+            self.epoch, self.batches_yielded, self._cursors = self.epoch + 1, 0, [0] * W
+        return batch
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now (they also stop when the stream is garbage collected)."""
+        self._live = None
 
     def set_epoch(self, epoch: int) -> None:
-        """Position the stream at the first batch of `epoch` (invalidates running iterators)."""
+        """Position the stream at the first batch of `epoch`."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self._generation += 1
-        self._next_epoch(epoch)
+        self.close()
+        self.epoch, self.batches_yielded, self._cursors = epoch, 0, [0] * self.spec.workers
 
     # ---- logging ----------------------------------------------------------------------------------------
 
     @property
     def corrupt_count(self) -> int:
         """Samples skipped so far (undecodable, or lost in a truncated / unreadable shard)."""
-        return self._lost_before + sum(self._lost)
+        return self._lost
 
     def stats(self) -> dict:
-        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "corrupt_samples": self.corrupt_count,
-                "damaged_shard_reads": self._damaged_before + sum(self._damaged)}
+        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "corrupt_samples": self._lost,
+                "damaged_shard_reads": self._damaged}
 
     # ---- checkpointing ----------------------------------------------------------------------------------
 
@@ -261,16 +277,9 @@ class ShardStream:
 
     def state_dict(self) -> dict:
         """This rank's position: plain ints and strings (JSON-serialisable)."""
-        epoch, done = self.epoch, self.batches_yielded
-        cursors, lost, damaged = list(self._cursors), list(self._lost), list(self._damaged)
-        lost_before, damaged_before = self._lost_before, self._damaged_before
-        if done >= self.batches_per_epoch:  # the epoch is complete: the position is the next epoch's start
-            lost_before, damaged_before = lost_before + sum(lost), damaged_before + sum(damaged)
-            epoch, done = epoch + 1, 0
-            cursors, lost, damaged = [0] * len(cursors), [0] * len(lost), [0] * len(damaged)
-        return {"version": STATE_VERSION, **self._identity_fields(), "epoch": epoch, "batches_yielded": done,
-                "cursors": cursors, "lost": lost, "damaged": damaged, "lost_before": lost_before,
-                "damaged_before": damaged_before}
+        return {"version": STATE_VERSION, **self._identity_fields(), "epoch": self.epoch,
+                "batches_yielded": self.batches_yielded, "cursors": list(self._cursors),
+                "corrupt_samples": self._lost, "damaged_shard_reads": self._damaged}
 
     def load_state_dict(self, state: dict | list[dict]) -> None:
         """Restore a position saved by `state_dict` (this rank's dict, or the list of every rank's dicts)."""
@@ -287,10 +296,10 @@ class ShardStream:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"cannot resume this stream exactly ({detail}); restore with the same shards, seed, "
                              f"world size, num_workers and batch size, or call set_epoch() to start a fresh epoch")
-        self._generation += 1
+        self.close()
         self.epoch, self.batches_yielded = int(state["epoch"]), int(state["batches_yielded"])
-        self._cursors, self._lost, self._damaged = list(state["cursors"]), list(state["lost"]), list(state["damaged"])
-        self._lost_before, self._damaged_before = int(state["lost_before"]), int(state["damaged_before"])
+        self._cursors = [int(c) for c in state["cursors"]]
+        self._lost, self._damaged = int(state["corrupt_samples"]), int(state["damaged_shard_reads"])
 
 
 def _check_args(batch_size: int, image_size: int, mode: str, rank: int, world_size: int, num_workers: int,
@@ -321,8 +330,8 @@ def _batches_per_epoch(spec: _Spec, requested: int | None) -> int:
         return requested or max(1, total // (spec.batch_size * spec.world_size))
     if n < slots:
         raise ValueError(f"split mode needs at least world_size x workers = {spec.world_size} x {spec.workers} = "
-                         f"{slots} shards, but {spec.urls[0]}... has {n}: write smaller shards (lasers-shard "
-                         f"--max-count), use fewer DataLoader workers, or mode='resampled'")
+                         f"{slots} shards, but only {n} were given (first: {spec.urls[0]}): write smaller shards "
+                         f"(lasers-shard --max-count), use fewer DataLoader workers, or mode='resampled'")
     # Whatever the epoch's assignment, every (rank, worker) gets at least n // slots shards: the smallest
     # such sum bounds the batches every worker can produce.
     per_worker = sum(sorted(spec.counts)[: n // slots]) // spec.batch_size

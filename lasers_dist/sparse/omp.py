@@ -2,7 +2,8 @@
 
 Every signal x_n (a row of x) is coded as S atoms of the dictionary D (K unit-norm rows) with least-squares
 coefficients, chosen greedily: pick the atom most correlated with the current residual, then re-solve the
-coefficients on the whole support. Batch-OMP never forms the residual; it works from
+coefficients on the whole support. Batch-OMP updates the correlations with the residual from the Gram
+matrix and the initial correlations,
 
     G = D D^T (K, K),   alpha0 = x D^T (K,),   alpha = alpha0 - G[:, tau] gamma
 
@@ -10,20 +11,24 @@ and keeps a Cholesky factor L of G[tau, tau] that grows by one row per step:
     w = L^-1 G[tau, j],   corner = sqrt(1 - w^T w),   L <- [[L, 0], [w^T, corner]]
 and gamma solves L L^T gamma = alpha0[tau].
 
-Implementation choices (all measured on CPU, see kernels/bench_omp.py):
-- G[:, tau] gamma is evaluated as D (D[tau]^T gamma), i.e. one dense (chunk, dim) @ (dim, K) GEMM per step.
-  The literal form gathers s rows of G per signal ((chunk, s, K) floats per step) and is memory bound; the
-  factored form reads only D (K x dim, cache resident) and is several times faster for dim <= 64.
-- The forward substitution L^-1 G[tau, j] is incremental: z = L^-1 alpha0[tau] grows by one entry per step,
-  so only the back substitution gamma = L^-T z is redone per step. Both are loops over the sparsity level
-  with elementwise ops on (chunk, s) tensors: batched LAPACK on s x s matrices is far slower.
-- Signals are processed in chunks of a few thousand so alpha (chunk, K) stays in cache and a call on 2^20
-  signals never materialises an (N, K) or (N, K, S) tensor.
+Implementation choices (measured on a 2-core CPU with kernels/bench_omp.py):
+- G[:, tau] gamma is evaluated as D (D[tau]^T gamma): alpha = (x - gamma D[tau]) D^T, one dense
+  (chunk, dim) @ (dim, K) GEMM per step. The literal form gathers s rows of G per signal ((chunk, s, K)
+  floats per step) and is memory bound; the factored form reads only D (K x dim, cache resident).
+- The factor is kept as its inverse M = L^-1 (lower triangular, grown by one row per step:
+  [[L, 0], [w^T, c]]^-1 = [[M, 0], [-w^T M / c, 1 / c]]), so w = M G[tau, j] and gamma = M^T (M alpha0[tau])
+  are a handful of elementwise ops on (s, s, chunk) tensors instead of O(s) substitution steps; the
+  incremental z = M alpha0[tau] gains one entry per step. Batched LAPACK on s x s matrices is far slower.
+- torch's row-wise argmax is ~10x slower on CPU than a max reduction; the selection uses max reductions and
+  elementwise passes over one reused (chunk, K) buffer instead (exact, same first-index tie rule).
+- Signals are processed in chunks (default: chunk * K = 2^20 elements, e.g. 2048 signals for K = 512) so
+  the work buffer stays in cache and a call on 2^20 signals never materialises an (N, K) tensor.
 
-Degenerate rows: if the atom picked at step s is linearly dependent on the support (1 - w^T w <= eps; this
-happens only when the residual is already ~0, or with duplicated atoms) the row stops growing. Its index at
-that step and every later step is still the distinct atom the greedy step picked, with coefficient exactly 0.
-So indices within a row are always distinct, and a code never holds NaN or Inf.
+Degenerate rows: if the atom picked at step s is linearly dependent on the support (1 - w^T w <= 64 * the
+dtype's machine epsilon; e.g. once S > dim atoms span the space, with duplicated atoms, or when the residual is
+exactly zero as for zero signals) the row stops growing. Its index at that step and at every later step is
+still the (distinct) atom the greedy step picked, with coefficient exactly 0. So indices within a row are
+always distinct, and a code never holds NaN or Inf.
 """
 
 from __future__ import annotations
@@ -72,8 +77,9 @@ def batch_omp(
     """Sparse-code the rows of x over the rows of dictionary with exactly `sparsity` atoms each.
 
     x: (N, dim) float signals. dictionary: (K, dim) float, unit-norm rows. 1 <= sparsity <= K.
-    backend: "auto" (the Triton kernel for CUDA tensors when it is importable, torch otherwise; float64 always
-    uses torch so it stays float64), "torch", or "triton" (errors from the Triton module surface as they are).
+    backend: "auto" (the Triton kernel for CUDA tensors when it is importable and supports the shapes, torch
+    otherwise; float64 always uses torch so it stays float64), "torch", or "triton" (errors from the Triton
+    module, e.g. for CPU tensors or unsupported shapes, surface as they are).
     chunk_size: signals per chunk for the torch backend (None: chosen for cache locality).
     Returns SparseCodes with indices (N, S) int64 and coeffs (N, S) in x's dtype. No gradients flow.
     bf16/fp16 inputs are computed in fp32; float64 inputs in float64.
@@ -81,7 +87,7 @@ def batch_omp(
     _check_inputs(x, dictionary, sparsity, backend, chunk_size)
     out_dtype = x.dtype
     with torch.no_grad():
-        if _pick_triton(backend, x):
+        if _pick_triton(backend, x, dictionary.shape[0], sparsity):
             from lasers_dist.kernels.omp_triton import batch_omp_triton
 
             indices, coeffs = batch_omp_triton(x.float().contiguous(), dictionary.float().contiguous(), sparsity)
@@ -93,12 +99,16 @@ def batch_omp(
         return SparseCodes(indices, coeffs.to(out_dtype))
 
 
-def _pick_triton(backend: str, x: Tensor) -> bool:
-    """Whether to dispatch to kernels/omp_triton.py; an explicit "triton" that cannot import raises."""
+def _pick_triton(backend: str, x: Tensor, num_atoms: int, sparsity: int) -> bool:
+    """Whether to dispatch to kernels/omp_triton.py; an explicit "triton" that cannot import raises.
+
+    "auto" picks the kernel only for CUDA tensors that are not float64, and only within the shapes the kernel
+    reports it supports (`triton_supported`); everything else runs on the torch backend.
+    """
     if backend == "torch" or (backend == "auto" and (not x.is_cuda or x.dtype == torch.float64)):
         return False
     try:
-        from lasers_dist.kernels.omp_triton import batch_omp_triton  # noqa: F401
+        from lasers_dist.kernels.omp_triton import batch_omp_triton, triton_supported  # noqa: F401
     except ImportError as error:
         if backend == "auto":
             return False
@@ -106,10 +116,11 @@ def _pick_triton(backend: str, x: Tensor) -> bool:
             f"backend='triton' was requested but lasers_dist.kernels.omp_triton cannot be imported ({error}); "
             "install triton or use backend='torch'"
         ) from error
-    return True
+    return backend == "triton" or triton_supported(x.shape[0], num_atoms, x.shape[1], sparsity)
 
 
 def _check_inputs(x: Tensor, dictionary: Tensor, sparsity: int, backend: str, chunk_size: int | None) -> None:
+    """Raise TypeError/ValueError naming what was expected; see batch_omp for the contract."""
     if not isinstance(x, Tensor) or not isinstance(dictionary, Tensor):
         raise TypeError(
             f"batch_omp expects torch tensors, got x: {type(x).__name__}, dictionary: {type(dictionary).__name__}"
@@ -118,9 +129,9 @@ def _check_inputs(x: Tensor, dictionary: Tensor, sparsity: int, backend: str, ch
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if x.ndim != 2 or not x.is_floating_point():
         raise ValueError(f"x must be a floating (N, dim) tensor, got shape {tuple(x.shape)} dtype {x.dtype}")
-    if dictionary.ndim != 2 or not dictionary.is_floating_point():
+    if dictionary.ndim != 2 or not dictionary.is_floating_point() or 0 in dictionary.shape:
         raise ValueError(
-            f"dictionary must be a floating (K, dim) tensor, got shape {tuple(dictionary.shape)} "
+            f"dictionary must be a floating (K, dim) tensor with K, dim >= 1, got shape {tuple(dictionary.shape)} "
             f"dtype {dictionary.dtype}"
         )
     num_atoms, dim = dictionary.shape
@@ -130,28 +141,27 @@ def _check_inputs(x: Tensor, dictionary: Tensor, sparsity: int, backend: str, ch
         raise ValueError(f"x is on {x.device} but the dictionary is on {dictionary.device}; move them together")
     if isinstance(sparsity, bool) or not isinstance(sparsity, int) or not 1 <= sparsity <= num_atoms:
         raise ValueError(f"sparsity must be an int in [1, K={num_atoms}], got {sparsity!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if num_atoms == 0 or dim == 0:
-        raise ValueError(f"dictionary must have at least one atom of dim >= 1, got shape {tuple(dictionary.shape)}")
-    if not bool(torch.isfinite(dictionary).all()):
-        raise ValueError("dictionary contains NaN or Inf entries")
+    _check_values(x, dictionary)
+
+
+def _check_values(x: Tensor, dictionary: Tensor) -> None:
+    """Unit-norm (and finite) atoms, finite signals. One host sync each on CUDA; details only on failure."""
     norms = dictionary.detach().float().norm(dim=1)
-    bad_atoms = ((norms - 1).abs() > _UNIT_NORM_TOL).nonzero().flatten()
-    if bad_atoms.numel() > 0:
-        first = int(bad_atoms[0])
+    bad_atoms = ~((norms - 1).abs() <= _UNIT_NORM_TOL)  # also true for NaN / Inf norms
+    if bool(bad_atoms.any()):
+        first = int(bad_atoms.nonzero()[0])
         raise ValueError(
-            f"dictionary rows must have unit L2 norm (tolerance {_UNIT_NORM_TOL}); {bad_atoms.numel()} of "
-            f"{num_atoms} do not (atom {first} has norm {float(norms[first]):.6g}); "
+            f"dictionary rows must have unit L2 norm (tolerance {_UNIT_NORM_TOL}); {int(bad_atoms.sum())} of "
+            f"{dictionary.shape[0]} do not (atom {first} has norm {float(norms[first]):.6g}); "
             "normalise with dictionary / dictionary.norm(dim=1, keepdim=True)"
         )
-    finite_rows = torch.isfinite(x).all(dim=1)
-    if not bool(finite_rows.all()):
-        num_bad = int((~finite_rows).sum())
-        first = int((~finite_rows).nonzero()[0])
+    bad_rows = ~torch.isfinite(x).all(dim=1)
+    if bool(bad_rows.any()):
         raise ValueError(
-            f"x has {num_bad} of {x.shape[0]} rows with NaN or Inf (first bad row: {first}); "
-            "sparse codes of non-finite signals are undefined"
+            f"x has {int(bad_rows.sum())} of {x.shape[0]} rows with NaN or Inf (first bad row: "
+            f"{int(bad_rows.nonzero()[0])}); sparse codes of non-finite signals are undefined"
         )
 
 
@@ -173,11 +183,14 @@ def _batch_omp_torch(x: Tensor, dictionary: Tensor, sparsity: int, chunk_size: i
     # Reusing it matters: a fresh multi-MB tensor per step costs more in page faults than the arithmetic.
     scores = torch.empty(chunk, num_atoms, dtype=x.dtype, device=x.device)
     # K - j for atom j: the largest weight among the maximal atoms marks the first of them (argmax's rule).
+    # Exact while K <= 2^24 (fp32 integers).
     first_weight = torch.arange(num_atoms, 0, -1, dtype=x.dtype, device=x.device)
+    row_offsets = torch.arange(chunk, device=x.device) * num_atoms  # flat offset of each row of scores
     for start in range(0, num_signals, chunk):
         stop = min(start + chunk, num_signals)
+        rows = stop - start
         _omp_chunk(
-            x[start:stop], dictionary, dictionary_t, gram, scores[: stop - start], first_weight,
+            x[start:stop], dictionary, dictionary_t, gram, scores[:rows], first_weight, row_offsets[:rows],
             indices[start:stop], coeffs[start:stop],
         )
     return indices, coeffs
@@ -190,59 +203,61 @@ def _omp_chunk(
     gram: Tensor,
     scores: Tensor,
     first_weight: Tensor,
+    row_offsets: Tensor,
     indices: Tensor,
     coeffs: Tensor,
 ) -> None:
     """Code one chunk of C signals in place.
 
     x (C, dim), dictionary (K, dim), dictionary_t (dim, K), gram (K, K), scores (C, K) workspace,
-    first_weight (K,); writes indices (C, S) and coeffs (C, S).
+    first_weight (K,), row_offsets (C,) = K * row; writes indices (C, S) and coeffs (C, S).
     Per-signal state is stored signal-last, (S, C) and (S, S, C), so every small op runs over contiguous rows.
     """
     num_rows, sparsity = indices.shape
     num_atoms = gram.shape[0]
     eps = 64 * torch.finfo(x.dtype).eps
-    options = dict(dtype=x.dtype, device=x.device)
-    inv_chol = torch.zeros(sparsity, sparsity, num_rows, **options)  # M = L^-1, lower triangular
-    z = torch.zeros(sparsity, num_rows, **options)  # L^-1 alpha0[tau]
-    support = torch.empty(sparsity, num_rows, x.shape[1], **options)  # D[tau]
-    chosen = torch.empty(sparsity, num_rows, dtype=torch.int64, device=x.device)  # tau
+    inv_chol = x.new_zeros(sparsity, sparsity, num_rows)  # M = L^-1, lower triangular
+    inv_chol[0, 0] = 1.0
+    z = x.new_empty(sparsity, num_rows)  # z = M alpha0[tau], so that gamma = M^T z
+    support = x.new_empty(sparsity, num_rows, x.shape[1])  # D[tau]
+    chosen_flat = row_offsets.new_empty(sparsity, num_rows)  # tau + row_offsets: positions in scores
+    gram_rows = row_offsets.new_empty(sparsity, num_rows)  # tau * K: flat offsets of G[tau, :]
     active = torch.ones(num_rows, dtype=torch.bool, device=x.device)
     gram_flat = gram.view(-1)
-    row_offsets = torch.arange(num_rows, device=x.device) * num_atoms  # flat offset of each row of scores
     torch.mm(x, dictionary_t, out=scores)  # alpha0 = x D^T
     for s in range(sparsity):
-        atom = _select_atoms(scores, (chosen[:s] + row_offsets).view(-1), first_weight)
-        chosen[s] = atom
-        torch.index_select(dictionary, 0, atom, out=support[s])
-        alpha0_atom = (x * support[s]).sum(dim=1)  # alpha0[j] = x . d_j
+        atom = _select_atoms(scores, chosen_flat[:s].view(-1), first_weight)
+        torch.add(atom, row_offsets, out=chosen_flat[s])
+        torch.mul(atom, num_atoms, out=gram_rows[s])
+        atom_vectors = torch.index_select(dictionary, 0, atom, out=support[s])
+        alpha0_atom = (x * atom_vectors).sum(dim=1)  # alpha0[j] = x . d_j
         if s == 0:
-            inv_chol[0, 0] = 1.0
             z[0] = alpha0_atom
+            gamma = z[:1]
         else:
-            gram_column = gram_flat.index_select(0, (chosen[:s] * num_atoms + atom).view(-1)).view(s, num_rows)
+            gram_column = gram_flat.index_select(0, (gram_rows[:s] + atom).view(-1)).view(s, num_rows)
             _extend_factor(inv_chol[: s + 1, : s + 1], z[: s + 1], gram_column, alpha0_atom, active, eps)
-        gamma = (inv_chol[: s + 1, : s + 1] * z[: s + 1, None]).sum(dim=0)  # gamma = L^-T z = M^T z
+            gamma = (inv_chol[: s + 1, : s + 1] * z[: s + 1, None]).sum(dim=0)  # gamma = M^T z
         if s + 1 < sparsity:
             # alpha = alpha0 - G[:, tau] gamma, with G[:, tau] gamma = D (D[tau]^T gamma): one GEMM.
             residual = x - (gamma[:, :, None] * support[: s + 1]).sum(dim=0)
             torch.mm(residual, dictionary_t, out=scores)
-    indices.copy_(chosen.T)
+    torch.sub(chosen_flat.T, row_offsets[:, None], out=indices)
     coeffs.copy_(gamma.T)
 
 
 def _select_atoms(scores: Tensor, chosen_flat: Tensor, first_weight: Tensor) -> Tensor:
     """argmax_j |alpha_j| over the atoms not chosen yet, per row, overwriting scores.
 
-    scores (C, K) holds alpha; chosen_flat: flat positions in scores of the chosen atoms. torch's argmax over rows is ~10x slower on CPU than a max
-    reduction, so the first maximal index is found with three elementwise passes and two max reductions.
+    scores (C, K) holds alpha; chosen_flat: flat positions in scores of the chosen atoms. Returns (C,) int64.
+    torch's row-wise argmax is ~10x slower on CPU than a max reduction, so the first maximal index is found
+    with elementwise passes and max reductions (all cache friendly, exact, same tie rule as argmax).
     """
     scores.abs_()
     scores.view(-1).index_fill_(0, chosen_flat, -1.0)  # below every |alpha|: chosen atoms never win again
     best = scores.amax(dim=1, keepdim=True)
     torch.eq(scores, best, out=scores)  # 1 where maximal
-    scores.mul_(first_weight)
-    return (first_weight[0] - scores.amax(dim=1)).long()
+    return (scores.shape[1] - scores.mul_(first_weight).amax(dim=1)).long()
 
 
 def _extend_factor(
@@ -256,10 +271,10 @@ def _extend_factor(
     """
     s = gram_column.shape[0]
     old = inv_chol[:s, :s]
-    w = (old * gram_column[None]).sum(dim=1)  # w = L^-1 G[tau, j]: the new row of L is [w, corner]
+    w = (old * gram_column).sum(dim=1)  # w = L^-1 G[tau, j]: the new row of L is [w, corner]
     corner_sq = 1.0 - (w * w).sum(dim=0)
     active &= corner_sq > eps
-    inv_corner = torch.where(active, corner_sq.clamp_min(eps).rsqrt(), 0.0)
+    inv_corner = corner_sq.clamp_min_(eps).rsqrt_().mul_(active)
     # [[L, 0], [w^T, c]]^-1 = [[M, 0], [-w^T M / c, 1 / c]]
     torch.mul((w[:, None] * old).sum(dim=0), -inv_corner, out=inv_chol[s, :s])
     inv_chol[s, s] = inv_corner

@@ -87,15 +87,31 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def check_resume_compatible(meta: dict[str, Any], world_size: int, stream_mode: str, folder: Path) -> None:
-    """Refuse to resume on another world size unless the stream is resampled (split streams hand each rank a
-    fixed slice of the shards, so the saved positions mean nothing on a different number of ranks)."""
-    saved = int(meta["world_size"])
-    if saved != world_size and stream_mode != "resampled":
+def check_resume_compatible(meta: dict[str, Any], world_size: int, stream_mode: str, zero_stage: int,
+                            folder: Path) -> None:
+    """Refuse a resume that cannot continue the saved run: another ZeRO stage (the optimizer state has another
+    layout), or another world size unless the stream is resampled (split streams hand each rank a fixed slice
+    of the shards, so saved positions mean nothing on a different number of ranks) and the optimizer state is
+    whole (ZeRO-1/2 partition it over the ranks that wrote it, and DeepSpeed cannot re-partition it)."""
+    saved, saved_stage = int(meta["world_size"]), int(meta["zero_stage"])
+    if saved_stage != zero_stage:
+        raise CheckpointError(
+            f"checkpoint {folder} was written with deepspeed.zero_stage={saved_stage}, this run has {zero_stage}: "
+            f"resume with deepspeed.zero_stage={saved_stage}"
+        )
+    if saved == world_size:
+        return
+    if stream_mode != "resampled":
         raise CheckpointError(
             f"checkpoint {folder} was written by {saved} ranks but this run has {world_size}: data.mode=split streams "
             f"cannot be redistributed exactly. Resume with {saved} ranks, or set data.mode=resampled (ranks then "
             "draw fresh, independently seeded samples)"
+        )
+    if saved_stage > 0:
+        raise CheckpointError(
+            f"checkpoint {folder} was written by {saved} ranks at ZeRO-{saved_stage}, which partitions the optimizer "
+            f"state over those ranks, and DeepSpeed cannot re-partition it for {world_size}: resume with {saved} "
+            "ranks (only ZeRO-0 checkpoints move to another world size, with data.mode=resampled)"
         )
 
 

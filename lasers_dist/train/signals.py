@@ -15,6 +15,7 @@ import torch
 from lasers_dist.train import distributed as D
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_REQUESTED = 255  # stop asked for by code (train.stop_at_step); above every signal number
 
 
 class StopFlag:
@@ -24,7 +25,8 @@ class StopFlag:
 
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
         self.signals = signals
-        self.received: int | None = None
+        self.received: int | None = None  # what this rank saw: a signal number, or _REQUESTED
+        self.agreed: int = 0  # after should_stop(): the largest code any rank saw (0: none)
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -43,19 +45,18 @@ class StopFlag:
 
     def request(self) -> None:
         """Ask for a stop from code (e.g. train.stop_at_step): handled exactly like a signal."""
-        if self.received is None:
-            self.received = 0
+        self.received = max(self.received or 0, _REQUESTED)
 
     def should_stop(self, device: torch.device) -> bool:
-        """True on every rank iff any rank has received a stop signal. A collective: call it on all ranks at
-        the same point of the loop."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
-        return bool(D.all_reduce_(flag, op="max").item() > 0)
+        """True on every rank iff any rank has received a stop signal or request. A collective: call it on all
+        ranks at the same point of the loop. Afterwards `reason` names what stopped the run on every rank."""
+        code = torch.tensor([float(self.received or 0)], device=device)
+        self.agreed = int(D.all_reduce_(code, op="max").item())
+        return self.agreed > 0
 
     @property
     def reason(self) -> str:
-        if self.received is None:
-            return "none"
-        if self.received == 0:
+        """"SIGTERM" / "SIGUSR1" (seen by any rank), "requested", or "none"."""
+        if self.agreed == _REQUESTED:
             return "requested"
-        return signal.Signals(self.received).name
+        return signal.Signals(self.agreed).name if self.agreed else "none"

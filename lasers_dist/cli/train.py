@@ -1,0 +1,231 @@
+"""`lasers-train --config FILE [section.key=value ...] [--resume auto|PATH]`: the training entry point.
+
+Run it under torchrun (`torchrun --standalone --nproc_per_node=2 -m lasers_dist.cli.train --config ...`), under
+Slurm (`srun lasers-train --config ...`, one task per GPU), or as a single plain process. This is the only
+layer that reads the environment: the rank / world size / master address come from torchrun's variables
+(RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) or Slurm's (SLURM_PROCID,
+SLURM_NTASKS, SLURM_LOCALID, SLURM_NODEID, SLURM_TASKS_PER_NODE, SLURM_NODELIST, SLURM_JOB_ID).
+
+Everything that can be checked without the other ranks (config keys and combinations, shards on disk, the
+DeepSpeed JSON, the checkpoint to resume) is checked before any process group starts, so a bad run fails in
+seconds with exit code 2 instead of hanging in a rendezvous.
+
+Exit codes: 0 when the run finished or stopped early on SIGTERM / SIGUSR1 (then it logs "stopped early",
+writes out_dir/status.json with "state": "stopped", and `--resume auto` continues it); 2 for a bad
+configuration; anything else is a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from lasers_dist.config import ConfigError, load_config, validate
+
+DEFAULT_PORT = 29500
+EXIT_CONFIG = 2
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="lasers-train",
+        description="Train a DL-VAE / DL-GAN / VQ-VAE / VQ-GAN with DeepSpeed (run under torchrun or srun).",
+    )
+    parser.add_argument("--config", required=True, help="YAML experiment config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200 model.sparsity=3")
+    parser.add_argument(
+        "--resume",
+        default=None,
+        help="'auto': continue from the newest complete checkpoint in train.out_dir (a fresh start if none); "
+        "or a checkpoint folder / run directory",
+    )
+    # Intermixed: overrides may follow --resume (launch scripts append "$@" after their own overrides).
+    return parser.parse_intermixed_args(argv)
+
+
+# ---- where this process sits: torchrun, Slurm or alone ----------------------------------------------------
+
+
+def _expand_count_list(text: str) -> list[int]:
+    """Slurm's SLURM_TASKS_PER_NODE, e.g. "2(x3),1" -> [2, 2, 2, 1]."""
+    counts: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not match:
+            raise ValueError(f"cannot parse SLURM_TASKS_PER_NODE={text!r}")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list, e.g. "gpu[007-009,012],cpu1" -> "gpu007",
+    "rack[1-2]-n[01-04]" -> "rack1-n01" (zero padding kept). Used when `scontrol` is unavailable."""
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):  # the first comma outside brackets ends the first entry
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = i
+            break
+    entry = nodelist[:end].strip()
+    if not entry:
+        raise ValueError(f"empty Slurm node list {nodelist!r}")
+    # In every bracket group keep the first item, and of a range "007-009" its start.
+    return re.sub(r"\[([^\]]+)\]", lambda m: m.group(1).split(",")[0].split("-")[0], entry)
+
+
+def _slurm_master(environ: Mapping[str, str]) -> str:
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not nodelist:
+        raise ValueError("running under Slurm (SLURM_PROCID is set) but SLURM_NODELIST is not; set MASTER_ADDR")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass  # no scontrol on this host: parse the list ourselves
+    return first_slurm_host(nodelist)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def dist_env_from_environ(environ: Mapping[str, str]):
+    """DistEnv from torchrun's variables (preferred, also under `srun torchrun`), else Slurm's, else one process."""
+    from lasers_dist.train.distributed import DistEnv
+
+    def num(key: str, default: int | None = None) -> int:
+        value = environ.get(key)
+        if value is None:
+            if default is None:
+                raise ValueError(f"environment variable {key} is required here but not set")
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
+
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        world = num("WORLD_SIZE")
+        return DistEnv(
+            rank=num("RANK"),
+            world_size=world,
+            local_rank=num("LOCAL_RANK", 0),
+            local_world_size=num("LOCAL_WORLD_SIZE", world),
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=num("MASTER_PORT", DEFAULT_PORT),
+        )
+    if "SLURM_PROCID" in environ:
+        node_counts = _expand_count_list(environ.get("SLURM_TASKS_PER_NODE", "1"))
+        node = num("SLURM_NODEID", 0)
+        # A per-job default port keeps two jobs that share a node from colliding.
+        default_port = 20000 + num("SLURM_JOB_ID", 0) % 20000
+        return DistEnv(
+            rank=num("SLURM_PROCID"),
+            world_size=num("SLURM_NTASKS"),
+            local_rank=num("SLURM_LOCALID", 0),
+            local_world_size=node_counts[node] if node < len(node_counts) else 1,
+            master_addr=environ.get("MASTER_ADDR") or _slurm_master(environ),
+            master_port=num("MASTER_PORT", default_port),
+        )
+    return DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",
+                   master_port=num("MASTER_PORT", 0) or _free_port())
+
+
+def _export_for_deepspeed(env) -> None:
+    # DeepSpeed reads these itself (its engine requires LOCAL_RANK): make them agree with what we resolved.
+    os.environ.update({
+        "RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
+        "LOCAL_WORLD_SIZE": str(env.local_world_size), "MASTER_ADDR": env.master_addr,
+        "MASTER_PORT": str(env.master_port),
+    })
+
+
+def _cpu_threads(local_world_size: int) -> int:
+    # Ranks that share a node's cores must not each start one thread per core (oversubscription makes 2 ranks
+    # on 2 cores several times slower than 1 thread each).
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // local_world_size)
+
+
+# ---- main ----------------------------------------------------------------------------------------------
+
+
+def preflight(args: argparse.Namespace, environ: Mapping[str, str]):
+    """Config, environment and resume checks that need no process group. Returns (cfg, env, resume folder)."""
+    from lasers_dist.train import checkpoint as ckpt
+    from lasers_dist.train.engines import deepspeed_config
+
+    cfg = load_config(args.config, args.overrides)
+    env = dist_env_from_environ(environ)
+    validate(cfg, env.world_size)
+    deepspeed_config(cfg, env.world_size)  # the JSON file's keys against ours
+    checkpoints = Path(cfg.train.out_dir) / "checkpoints"
+    resume = None
+    if args.resume is not None:
+        resume = ckpt.resolve_resume(args.resume, checkpoints)
+    elif ckpt.list_checkpoints(checkpoints):
+        raise ConfigError(
+            f"train.out_dir={cfg.train.out_dir} already holds checkpoints: pass --resume auto to continue that run, "
+            "or choose another train.out_dir"
+        )
+    if resume is not None:
+        ckpt.check_resume_compatible(
+            ckpt.read_meta(resume), env.world_size, cfg.data.mode, cfg.deepspeed.zero_stage, resume
+        )
+    return cfg, env, resume
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        from lasers_dist.train.checkpoint import CheckpointError
+
+        cfg, env, resume = preflight(args, os.environ)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
+        print(f"lasers-train: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    import torch
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cpu":
+        # Must be set before DeepSpeed is first imported (it picks its accelerator once, at import).
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        torch.set_num_threads(_cpu_threads(env.local_world_size))
+    _export_for_deepspeed(env)
+    import deepspeed
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines would drown the progress bar
+
+    from lasers_dist.train import distributed as D
+    from lasers_dist.train.trainer import Trainer
+
+    device = D.init_distributed(env, device_type, cfg.train.collective_timeout_s)
+    try:
+        if resume is not None:
+            # Every rank must load the same folder: take rank 0's view of the shared file system.
+            resume = Path(D.broadcast_object(str(resume)))
+        trainer = Trainer(cfg, env, device)
+        trainer.fit(resume)
+        D.barrier()
+    finally:
+        D.shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
