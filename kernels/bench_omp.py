@@ -10,7 +10,9 @@ what one implementation happens to do):
   bytes = N dim b                      X read once
         + N S (8 + b)                  codes written (int64 indices + coefficients)
         + ceil(N / C) K^2 4            one fp32 Gram read per chunk, C = the torch backend's default chunk size
-  with b the bytes per element of the input dtype.
+  with b the bytes per element of the input dtype. The torch backend evaluates each alpha update as a dense
+  (N, dim) @ (dim, K) GEMM (2 N K dim flops instead of 2 N K s, traded for cache-friendly access), so its real
+  arithmetic rate is higher than the GFLOP/s printed.
 
 scikit-learn's orthogonal_mp_gram runs on the first --sklearn-subset signals in float64 (Gram precomputed,
 Xy = D X^T timed with it), and each row reports its speed-up over it for the same (K, dim, S).
@@ -24,6 +26,7 @@ import math
 import os
 import platform
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -117,40 +120,42 @@ def backends_for(requested: str, device: torch.device) -> tuple[list[str], list[
     return run, skipped
 
 
+def result_row(backend: str, device: str, dtype: str, n: int, atoms: int, dim: int, sparsity: int,
+               seconds: float, elem_bytes: int, sklearn_rate: float | None) -> dict:
+    flops, moved = derived_counts(n, atoms, dim, sparsity, elem_bytes)
+    rate = n / seconds
+    return {"backend": backend, "device": device, "dtype": dtype, "N": n, "K": atoms, "dim": dim, "S": sparsity,
+            "seconds": seconds, "vectors_per_s": rate, "gflops": flops / seconds / 1e9, "gbps": moved / seconds / 1e9,
+            "speedup_vs_sklearn": rate / sklearn_rate if sklearn_rate else None}
+
+
 def bench_config(args, n, atoms, dim, sparsity, backends, device, skipped) -> list[dict]:
-    dtype = DTYPES[args.dtype]
-    x, dictionary = make_problem(n, atoms, dim, dtype, device)
+    x, dictionary = make_problem(n, atoms, dim, DTYPES[args.dtype], device)
     rows = []
     sklearn_rate = None
     if args.sklearn_subset > 0:
         subset = min(args.sklearn_subset, n)
         seconds = time_sklearn(x[:subset], dictionary, sparsity, args.repeats)
         sklearn_rate = subset / seconds
-        flops, moved = derived_counts(subset, atoms, dim, sparsity, 8)
-        rows.append(dict(backend="sklearn", device="cpu", dtype="fp64", N=subset, K=atoms, dim=dim, S=sparsity,
-                         seconds=seconds, vectors_per_s=sklearn_rate, gflops=flops / seconds / 1e9,
-                         gbps=moved / seconds / 1e9, speedup_vs_sklearn=1.0))
+        rows.append(result_row("sklearn", "cpu", "fp64", subset, atoms, dim, sparsity, seconds, 8, sklearn_rate))
     for backend in backends:
-        kwargs = {"chunk_size": args.chunk_size} if backend == "torch" else {}
+        kwargs = {"backend": backend, "chunk_size": args.chunk_size} if backend == "torch" else {"backend": backend}
         try:
-            seconds = time_best(lambda: batch_omp(x, dictionary, sparsity, backend=backend, **kwargs),
-                                args.repeats, device)
+            seconds = time_best(partial(batch_omp, x, dictionary, sparsity, **kwargs), args.repeats, device)
         except (RuntimeError, ValueError) as error:
             skipped.append({"backend": backend, "N": n, "K": atoms, "dim": dim, "S": sparsity,
                             "reason": f"{type(error).__name__}: {error}"})
             continue
-        flops, moved = derived_counts(n, atoms, dim, sparsity, x.element_size())
-        rate = n / seconds
-        rows.append(dict(backend=backend, device=str(device), dtype=args.dtype, N=n, K=atoms, dim=dim, S=sparsity,
-                         seconds=seconds, vectors_per_s=rate, gflops=flops / seconds / 1e9,
-                         gbps=moved / seconds / 1e9,
-                         speedup_vs_sklearn=rate / sklearn_rate if sklearn_rate else None))
+        rows.append(result_row(backend, str(device), args.dtype, n, atoms, dim, sparsity, seconds,
+                               x.element_size(), sklearn_rate))
     return rows
 
 
 def machine_info(device: torch.device) -> dict:
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "cpu": platform.processor() or platform.machine()}
+            "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            # Timings on a shared machine are only as good as its load: record it.
+            "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()

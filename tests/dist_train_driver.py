@@ -89,6 +89,9 @@ def main() -> int:
     parser.add_argument("--union", type=int, default=0)
     args = parser.parse_args()
 
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
     from lasers_dist.cli.train import dist_env_from_environ
     from lasers_dist.config import load_config, validate
     from lasers_dist.train.trainer import Trainer, build_train_stream
@@ -102,7 +105,8 @@ def main() -> int:
         validate(cfg, env.world_size)
         stream = None
         if args.union:
-            rank_envs = [replace(env, rank=r, world_size=args.union, local_world_size=args.union) for r in range(args.union)]
+            rank_envs = [replace(env, rank=r, world_size=args.union, local_world_size=args.union)
+                         for r in range(args.union)]
             stream = UnionStream([build_train_stream(cfg, rank_env) for rank_env in rank_envs])
         trainer = Trainer(cfg, env, device, train_stream=stream, progress=False)
         engines = trainer.engines
@@ -118,6 +122,8 @@ def main() -> int:
             "zero_stage": [e.zero_optimization_stage() for e in (engines.generator, engines.discriminator) if e],
             "gradient_clipping": [e.gradient_clipping() for e in (engines.generator, engines.discriminator) if e],
             "frozen_params": [n for n, p in engines.generator.module.named_parameters() if not p.requires_grad],
+            "shm_comm_compatible": deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm"),
+            "accelerator": get_accelerator().device_name(),
         }
         (out_dir / f"engine-rank-{env.rank}.json").write_text(json.dumps(facts))
         D.barrier()

@@ -102,7 +102,8 @@ def test_metrics_continue_the_same_curve(runs):
 
 def test_checkpoint_layout(runs):
     folder = runs["parts"] / "checkpoints" / ckpt.step_name(2 * T)
-    assert [p.name for _, p in ckpt.list_checkpoints(runs["parts"] / "checkpoints")] == ["step-00000004", "step-00000006"]
+    kept = [p.name for _, p in ckpt.list_checkpoints(runs["parts"] / "checkpoints")]
+    assert kept == ["step-00000004", "step-00000006"]
     assert not list((runs["parts"] / "checkpoints").glob(".tmp-*"))
     names = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     for expected in ("meta.json", "model.safetensors", "ranks/rank-00000.pt", "ranks/rank-00001.pt",

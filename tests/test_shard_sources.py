@@ -93,6 +93,13 @@ def test_oxford_flowers_tgz_with_labels_and_setid(tmp_path):
     assert labels == {"train": [("00001", 76), ("00003", 2)], "val": [("00002", 76), ("00005", 101)],
                       "test": [("00004", 2), ("00006", 0)]}  # labels 0-based
     assert manifests["train"]["num_classes"] == 77
+    with tarfile.open(tmp_path / "102flowers.tgz") as tf:  # the extracted layout: jpg/ beside the .mat files
+        tf.extractall(tmp_path / "extracted", filter="data")
+    for mat in ("imagelabels.mat", "setid.mat"):
+        (tmp_path / "extracted" / mat).write_bytes((tmp_path / mat).read_bytes())
+    assert detect_kind(tmp_path / "extracted") == "flowers"
+    from_folder = write_shards(tmp_path / "extracted", tmp_path / "out_folder")
+    assert {s: m["num_samples"] for s, m in from_folder.items()} == {"train": 2, "val": 2, "test": 2}
     (tmp_path / "setid.mat").unlink()  # without setid.mat there is no official split
     with pytest.raises(ValueError, match="setid.mat"):
         write_shards(tmp_path / "102flowers.tgz", tmp_path / "out2", split="official")
@@ -150,7 +157,8 @@ def test_mnist_idx_files(tmp_path):
     for s in train:
         j = int(json.loads(s["json"])["source"].split("/")[1])
         pixels = np.asarray(Image.open(io.BytesIO(s["png"])))
-        assert pixels.shape == (28, 28, 3) and all(np.array_equal(pixels[..., c], digits["train"][0][j]) for c in range(3))
+        assert pixels.shape == (28, 28, 3)
+        assert all(np.array_equal(pixels[..., c], digits["train"][0][j]) for c in range(3))
         assert int(s["cls"]) == digits["train"][1][j]
 
 
@@ -190,3 +198,16 @@ def test_cli_reports_errors_and_runs_as_console_script(tmp_path, capsys):
     assert val["options"] == {"size": 8, "image_format": "jpeg", "quality": 90, "max_count": 2,
                               "max_bytes": 1_000_000}
     assert val["num_samples"] == 2 and val["shards"][0]["name"] == "val-000000.tar"
+
+
+def test_truncated_compressed_archive_keeps_what_is_readable(tmp_path):
+    with tarfile.open(tmp_path / "pics.tar.gz", "w:gz") as tf:
+        for i in range(12):
+            _add(tf, f"{i:02d}.png", _png(_image(i, 24)))
+    data = (tmp_path / "pics.tar.gz").read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(data[: len(data) * 2 // 3])
+    first = write_shards(tmp_path / "cut.tar.gz", tmp_path / "out", val_fraction=0.0)["train"]
+    assert 0 < first["num_samples"] < 12
+    assert first["listing_errors"] and "decompression stopped early" in first["listing_errors"][0]["reason"]
+    again = write_shards(tmp_path / "cut.tar.gz", tmp_path / "out", val_fraction=0.0)["train"]  # rerun: no-op
+    assert again["shards"] == first["shards"]

@@ -59,8 +59,9 @@ def test_training_crops_and_flips_vary_and_stay_inside_the_picture(shards):
     positions = set()
     for key, image in zip(batch["keys"], batch["images"]):
         full = torch.from_numpy(pattern(int(key), 20)).permute(2, 0, 1).float() / 127.5 - 1
-        found = [(t, l, f) for t in range(5) for l in range(5) for f in (False, True)
-                 if torch.equal(full[:, t:t + 16, l:l + 16].flip(-1) if f else full[:, t:t + 16, l:l + 16], image)]
+        found = [(top, left, flip) for top in range(5) for left in range(5) for flip in (False, True)
+                 if torch.equal(full[:, top:top + 16, left:left + 16].flip(-1) if flip
+                                else full[:, top:top + 16, left:left + 16], image)]
         assert len(found) == 1
         positions.add(found[0])
     assert len(positions) > 6  # not the same crop every time

@@ -84,7 +84,8 @@ def test_preflight_accepts_a_good_config(two_rank_env, config_file):
     args = parse_args(["--config", config_file(), "train.max_steps=7", "--resume", "auto"])
     cfg, env, resume = preflight(args, os.environ)
     assert cfg.train.max_steps == 7 and resume is None  # auto with no checkpoint: a fresh start
-    assert env == DistEnv(rank=0, world_size=2, local_rank=0, local_world_size=2, master_addr="127.0.0.1", master_port=9)
+    assert env == DistEnv(rank=0, world_size=2, local_rank=0, local_world_size=2, master_addr="127.0.0.1",
+                          master_port=9)
 
 
 def test_rank_from_torchrun_and_slurm():

@@ -59,9 +59,9 @@ def trained(tmp_path_factory):
     two += [{"name": f"probe_zero{s}", "overrides": _overrides([], s, None), "probe": True} for s in (0, 1)]
     two.append({"name": "revive_zero2", "overrides": _overrides(REVIVE, 2, None)})
     one = [{"name": n, "overrides": _overrides(m, 0, None)} for n, m in REFERENCES.items()]
-    run(torchrun_command(2, str(DRIVER), "--config", str(config), "--out", str(root / "two"), "--runs", json.dumps(two)))
-    run(torchrun_command(1, str(DRIVER), "--config", str(config), "--out", str(root / "one"), "--runs", json.dumps(one),
-                         "--union", "2"))
+    driver = [str(DRIVER), "--config", str(config)]
+    run(torchrun_command(2, *driver, "--out", str(root / "two"), "--runs", json.dumps(two)))
+    run(torchrun_command(1, *driver, "--out", str(root / "one"), "--runs", json.dumps(one), "--union", "2"))
     return root
 
 
@@ -79,12 +79,14 @@ def test_ranks_identical_and_equal_to_single_process(trained, name):
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), f"{name}: {key} differs between ranks"
         if rank0[key].is_floating_point():
-            torch.testing.assert_close(rank0[key], reference[key], rtol=1e-4, atol=2e-5, msg=lambda m: f"{name} {key}: {m}")
+            torch.testing.assert_close(rank0[key], reference[key], rtol=1e-4, atol=2e-5,
+                                       msg=lambda m: f"{name} {key}: {m}")
         else:  # step counters, usage windows
             assert torch.equal(rank0[key], reference[key]), f"{name}: {key} differs from the single-process run"
     # The steps really trained both networks (the discriminator from step 1 on).
     for prefix in ("generator.decoder", "discriminator."):
-        moved = max((rank0[k] - initial[k]).abs().max().item() for k in rank0 if k.startswith(prefix) and rank0[k].is_floating_point())
+        keys = [k for k in rank0 if k.startswith(prefix) and rank0[k].is_floating_point()]
+        moved = max((rank0[k] - initial[k]).abs().max().item() for k in keys)
         assert moved > 1e-3, f"{name}: {prefix} did not change"
 
 
@@ -95,6 +97,8 @@ def test_engines_use_our_clipping_and_stage(trained, name):
         facts = json.loads((trained / "two" / name / f"engine-rank-{rank}.json").read_text())
         assert facts["zero_stage"] == [stage, stage]
         assert facts["gradient_clipping"] == [GRAD_CLIP, GRAD_CLIP]
+        # DeepSpeed's CPU accelerator, with its shared-memory comm op marked unavailable (no ~30 s JIT build).
+        assert facts["accelerator"] == "cpu" and facts["shm_comm_compatible"] is False
         # The online dictionary has no gradient, so no optimizer (and no ZeRO partition) may own it.
         assert facts["frozen_params"] == (["bottleneck.dictionary"] if overrides == ONLINE else [])
 
@@ -149,7 +153,8 @@ def test_deepspeed_config_sets_clipping_and_batches():
     cfg = config_from_dict({"train": {"batch_size": 32}, "optim": {"grad_accum_steps": 2, "grad_clip": 0.0}})
     ds = deepspeed_config(cfg, world_size=4)
     assert ds["gradient_clipping"] == 0.0  # explicit: DeepSpeed's default would clip at 1.0
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 2)
+    batches = (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
+    assert batches == (32, 4, 2)
     assert ds["zero_allow_untested_optimizer"] is True
     assert ds["bf16"] == {"enabled": False}
 

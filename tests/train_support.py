@@ -93,7 +93,8 @@ def child_env() -> dict[str, str]:
 def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     """Run a launch to completion; on failure the assertion shows the tail of its output."""
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    tail = f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}"
     return proc
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from lasers_dist.config import ConfigError, load_config, validate
+from lasers_dist.train.checkpoint import CheckpointError
 
 DEFAULT_PORT = 29500
 EXIT_CONFIG = 2
@@ -142,10 +143,14 @@ def dist_env_from_environ(environ: Mapping[str, str]):
                    master_port=num("MASTER_PORT", 0) or _free_port())
 
 
-def _export_for_deepspeed(env) -> None:
-    # DeepSpeed reads these itself (its engine requires LOCAL_RANK): make them agree with what we resolved.
+def _export_for_deepspeed(env, device_type: str) -> None:
+    # DeepSpeed reads these itself (its engine requires LOCAL_RANK and takes it as the CUDA device index): make
+    # them agree with what we resolved.
+    from lasers_dist.train.distributed import cuda_device_index
+
+    local = cuda_device_index(env) if device_type == "cuda" else env.local_rank
     os.environ.update({
-        "RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
+        "RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(local),
         "LOCAL_WORLD_SIZE": str(env.local_world_size), "MASTER_ADDR": env.master_addr,
         "MASTER_PORT": str(env.master_port),
     })
@@ -192,8 +197,6 @@ def preflight(args: argparse.Namespace, environ: Mapping[str, str]):
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from lasers_dist.train.checkpoint import CheckpointError
-
         cfg, env, resume = preflight(args, os.environ)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"lasers-train: error: {err}", file=sys.stderr)
@@ -206,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Must be set before DeepSpeed is first imported (it picks its accelerator once, at import).
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         torch.set_num_threads(_cpu_threads(env.local_world_size))
-    _export_for_deepspeed(env)
+    _export_for_deepspeed(env, device_type)
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines would drown the progress bar
@@ -216,9 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     device = D.init_distributed(env, device_type, cfg.train.collective_timeout_s)
     try:
-        if resume is not None:
-            # Every rank must load the same folder: take rank 0's view of the shared file system.
-            resume = Path(D.broadcast_object(str(resume)))
+        # Every rank must load the same folder (or none): take rank 0's view of the shared file system.
+        resume = D.broadcast_object(resume)
         trainer = Trainer(cfg, env, device)
         trainer.fit(resume)
         D.barrier()

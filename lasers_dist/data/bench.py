@@ -41,16 +41,25 @@ def _time_stream(shards: str, size: int, batch_size: int, workers: int, images: 
     batches = max(2, images // batch_size)
     stream = ShardStream(shards, batch_size=batch_size, image_size=size, mode="resampled", train=True,
                          num_workers=workers, batches_per_epoch=batches + 1, shuffle_buffer=64, pin_memory=False)
-    it = iter(stream)
-    next(it)  # worker start-up and the first shard open are not part of the rate
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    seconds = time.perf_counter() - start
-    stream.close()
+    threads = torch.get_num_threads()
+    if workers == 0:
+        torch.set_num_threads(1)  # what torch gives each DataLoader worker
+    try:
+        it = iter(stream)
+        next(it)  # worker start-up and the first shard open are not part of the rate
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for _ in range(batches):
+            next(it)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    finally:
+        torch.set_num_threads(threads)
+        stream.close()
     rate = batches * batch_size / seconds
-    return {"images": batches * batch_size, "seconds": round(seconds, 3), "images_per_s": round(rate, 1),
-            "images_per_s_per_worker": round(rate / max(1, workers), 1)}
+    result = {"images": batches * batch_size, "seconds": round(seconds, 3), "images_per_s": round(rate, 1),
+              "images_per_s_per_worker": round(rate / max(1, workers), 1)}
+    if workers == 0:  # all the work ran in this process: its CPU time gives a rate less hurt by other load
+        result["images_per_cpu_s"] = round(batches * batch_size / cpu_seconds, 1)
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -76,11 +85,14 @@ def main(argv: list[str] | None = None) -> dict:
             tmp.cleanup()
     report = {"benchmark": "data", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                                 "torch": torch.__version__},
-              "note": "workers=0 decodes in the main process: its rate is the per-worker rate", "results": rows}
-    print(f"{'format':6s} {'size':>5s} {'workers':>7s} {'KB/img':>7s} {'img/s':>8s} {'img/s/worker':>13s}")
+              "note": "workers=0 decodes in the main process with 1 torch thread, like one DataLoader worker: "
+                      "its rate is the per-worker rate; rates on a shared CPU are noisy", "results": rows}
+    print(f"{'format':6s} {'size':>5s} {'workers':>7s} {'KB/img':>7s} {'img/s':>8s} {'img/s/worker':>13s} "
+          f"{'img/cpu-s':>10s}")
     for r in rows:
+        cpu = f"{r['images_per_cpu_s']:10.1f}" if "images_per_cpu_s" in r else f"{'-':>10s}"
         print(f"{r['format']:6s} {r['size']:5d} {r['workers']:7d} {r['bytes_per_image'] / 1000:7.1f} "
-              f"{r['images_per_s']:8.1f} {r['images_per_s_per_worker']:13.1f}")
+              f"{r['images_per_s']:8.1f} {r['images_per_s_per_worker']:13.1f} {cpu}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")

@@ -74,7 +74,7 @@ def _photo_crops(name: str, count: int, size: int, rng: np.random.Generator) -> 
         else np.full(count, size)
     tops = (rng.random(count) * (h - sides + 1)).astype(int)
     lefts = (rng.random(count) * (w - sides + 1)).astype(int)
-    return [("crop", name, int(t), int(l), int(s), size) for t, l, s in zip(tops, lefts, sides)]
+    return [("crop", name, int(top), int(left), int(side), size) for top, left, side in zip(tops, lefts, sides)]
 
 
 def builtin_photo_items(size: int, crops_per_photo: int, val_fraction: float, test_fraction: float,
@@ -112,4 +112,6 @@ def builtin_photo_items(size: int, crops_per_photo: int, val_fraction: float, te
         for j, ref in enumerate(refs):
             items[split].append(Item(index, f"{photo_id}/{j}", None, split, ref))
             index += 1
+    # Mix photos across shards: a shard (and so a resampled draw, or the first val batch) spans many photos.
+    items = {s: [v[i] for i in rng.permutation(len(v))] for s, v in items.items()}
     return {s: v for s, v in items.items() if v}, {s: v for s, v in members.items() if v}

@@ -178,19 +178,19 @@ def _restore_progress(out_dir: Path, split: str, fingerprint: str, overwrite: bo
             path.unlink(missing_ok=True)
         return fresh
     # Keep the leading shards that are still intact; redo everything after the first damaged one.
-    kept = []
-    for shard in previous["shards"]:
+    kept, listed = [], previous.get("shards", [])
+    for shard in listed:
         path = out_dir / shard["name"]
         if not path.exists() or path.stat().st_size != shard["num_bytes"]:
             break
         kept.append(shard)
-    complete = complete and len(kept) == len(previous["shards"])
+    complete = complete and len(kept) == len(listed) and "next_item" in previous
     next_item = previous["next_item"] if complete else (kept[-1]["next_item"] if kept else 0)
     keep_names = {s["name"] for s in kept}
     for path in _split_files(out_dir, split):
         if path.name not in keep_names:
             path.unlink()
-    skipped = [s for s in previous["skipped"] if s["item"] < next_item]
+    skipped = [s for s in previous.get("skipped", []) if s["item"] < next_item]
     if not complete:
         manifest_path.unlink(missing_ok=True)
     return {"fingerprint": fingerprint, "shards": kept, "skipped": skipped, "next_item": next_item,
@@ -206,12 +206,14 @@ def _read_json_or_none(path: Path) -> dict | None:
 
 def write_split(items: list[Item], out_dir: str | os.PathLike, split: str, options: ShardOptions, *,
                 source_info: dict, workers: int = 1, progress: bool = False, overwrite: bool = False,
-                on_shard: Callable[[dict], None] | None = None, image_size: int | None = None) -> dict:
+                on_shard: Callable[[dict], None] | None = None, image_size: int | None = None,
+                listing_errors: list[dict] | None = None) -> dict:
     """Encode `items` (already in their final, shuffled order) into `out_dir/{split}-NNNNNN.tar` shards.
 
     Returns the manifest (also written to `out_dir/{split}.json`). `on_shard(shard_entry)` runs after each
     shard is committed (progress is durable at that point, so an exception raised there is a clean stop).
-    `image_size` is recorded in the manifest when the items are already square crops of that size.
+    `image_size` is recorded in the manifest when the items are already square crops of that size;
+    `listing_errors` (damage found while listing the source) are recorded too.
     """
     if len({it.index for it in items}) != len(items):
         raise ValueError(f"split {split!r}: item indices are not unique, so shard keys would collide")
@@ -269,6 +271,7 @@ def write_split(items: list[Item], out_dir: str | os.PathLike, split: str, optio
             current.tmp.unlink(missing_ok=True)
     state["skipped"] += pending_skips
     manifest = _manifest(split, items, options, source_info, state, image_size or options.size)
+    manifest["listing_errors"] = listing_errors or []
     _write_json_atomic(manifest_path, manifest)
     progress_path.unlink(missing_ok=True)
     return manifest
@@ -332,14 +335,15 @@ def assign_splits(source: Source, split_mode: str | None, val_fraction: float | 
 
 
 def _run_splits(groups: dict[str, list[Item]], out_dir: Path, options: ShardOptions, source_info: dict,
-                workers: int, progress: bool, overwrite: bool, on_shard, image_size: int | None = None
-                ) -> dict[str, dict]:
+                workers: int, progress: bool, overwrite: bool, on_shard, image_size: int | None = None,
+                listing_errors: list[dict] | None = None) -> dict[str, dict]:
     manifests = {}
     for split in ("train", "val", "test"):
         if split in groups:
             manifests[split] = write_split(groups[split], out_dir, split, options, source_info=source_info,
                                            workers=workers, progress=progress, overwrite=overwrite,
-                                           on_shard=on_shard, image_size=image_size)
+                                           on_shard=on_shard, image_size=image_size,
+                                           listing_errors=listing_errors)
     if sum(m["num_samples"] for m in manifests.values()) == 0:
         reasons = sorted({s["reason"] for m in manifests.values() for s in m["skipped"]})[:5]
         raise ValueError(f"no image of the source could be read; first reasons: {reasons}")
@@ -357,10 +361,9 @@ def write_shards(source: str | os.PathLike, out_dir: str | os.PathLike, *, kind:
     out.mkdir(parents=True, exist_ok=True)
     src = read_source(source, kind, out / ".cache")
     source_info = {"path": str(Path(source).resolve()), "kind": src.kind, "split": split,
-                   "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
-                   "listing_errors": src.errors}
+                   "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed}
     manifests = _run_splits(assign_splits(src, split, val_fraction, test_fraction, seed), out, options,
-                            source_info, workers, progress, overwrite, on_shard)
+                            source_info, workers, progress, overwrite, on_shard, listing_errors=src.errors)
     for path in src.cleanup:
         Path(path).unlink(missing_ok=True)
     shutil.rmtree(out / ".cache", ignore_errors=True)

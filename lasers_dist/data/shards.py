@@ -88,7 +88,8 @@ def sample_counts(urls: list[str]) -> list[int]:
         if mpath not in manifests:
             manifests[mpath] = None
             if _is_local(mpath) and os.path.exists(_local_path(mpath)):
-                manifests[mpath] = {s["name"]: int(s["num_samples"]) for s in _read_manifest(_local_path(mpath))["shards"]}
+                shards = _read_manifest(_local_path(mpath))["shards"]
+                manifests[mpath] = {s["name"]: int(s["num_samples"]) for s in shards}
         known = manifests[mpath]
         name = os.path.basename(url)
         if known is not None and name in known:

@@ -18,7 +18,6 @@ import lzma
 import os
 import pickle
 import re
-import shutil
 import struct
 import tarfile
 import zipfile
@@ -95,9 +94,10 @@ def detect_kind(path: str | os.PathLike) -> str:
         return "cifar10"
     if "102flowers.tgz" in entries or "imagelabels.mat" in entries or (p / "jpg" / "image_00001.jpg").exists():
         return "flowers"
+    # FFHQ: folders 00000, 01000, ... (plus its json / license files), or its own folder names.
+    numbered = any(re.fullmatch(r"\d{5}", e) for e in entries)
     if "ffhq-dataset-v2.json" in entries or name in ("images1024x1024", "thumbnails128x128") or (
-        any(re.fullmatch(r"\d{5}", e) for e in entries) and all(re.fullmatch(r"\d{5}|.*\.(json|txt|md)", e) for e in entries)
-    ):
+            numbered and all(re.fullmatch(r"\d{5}|.*\.(json|txt|md)", e) for e in entries)):
         return "ffhq"
     return "folder"
 
@@ -137,7 +137,7 @@ def _read_folder(root: Path, cache_dir: Path) -> Source:
     return Source("folder", str(root), items, False, [], [])
 
 
-def _decompressed_tar(path: Path, cache_dir: Path) -> tuple[Path, list[str]]:
+def _decompressed_tar(path: Path, cache_dir: Path, errors: list[dict]) -> tuple[Path, list[str]]:
     """Return an uncompressed tar for `path` (itself, or a cached decompressed copy) and files to clean up."""
     with open(path, "rb") as f:
         magic = f.read(6)
@@ -152,11 +152,15 @@ def _decompressed_tar(path: Path, cache_dir: Path) -> tuple[Path, list[str]]:
         tmp = cached.with_suffix(".tmp")
         try:
             with opener(path, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 22)
-        except (OSError, EOFError) as e:
+                # read1: each call returns what one input block yields, so a truncated archive keeps all
+                # the bytes before the damage (read(n) would drop the whole last n-byte request).
+                while chunk := src.read1(1 << 20):
+                    dst.write(chunk)
+        except (OSError, EOFError, lzma.LZMAError) as e:
             # A truncated compressed archive: keep what decompressed, the tar index below stops at the damage.
             if not tmp.exists():
                 raise ValueError(f"cannot decompress {str(path)!r}: {e}") from e
+            errors.append({"source": str(path), "reason": f"decompression stopped early: {e}"})
         os.replace(tmp, cached)
     return cached, [str(cached)]
 
@@ -193,7 +197,7 @@ def _read_archive(path: Path, cache_dir: Path) -> Source:
             raise ValueError(f"{str(path)!r} is not a readable zip file: {e}") from e
         items = [Item(i, n, None, None, ("zip", str(path), n)) for i, n in enumerate(names)]
         return Source("archive", str(path), items, False, errors, [])
-    tar_path, cleanup = _decompressed_tar(path, cache_dir)
+    tar_path, cleanup = _decompressed_tar(path, cache_dir, errors)
     members = sorted((m for m in _tar_members(tar_path, errors, path) if _is_image_name(m.name)), key=lambda m: m.name)
     items = [Item(i, m.name, None, None, ("tar", str(tar_path), m.offset_data, m.size)) for i, m in enumerate(members)]
     return Source("archive", str(path), items, False, errors, cleanup)
@@ -240,7 +244,7 @@ def _read_flowers(path: Path, cache_dir: Path) -> Source:
     if path.is_dir() and (path / "102flowers.tgz").exists() and not (path / "jpg").is_dir():
         path = path / "102flowers.tgz"
     if path.is_file():
-        tar_path, cleanup = _decompressed_tar(path, cache_dir)
+        tar_path, cleanup = _decompressed_tar(path, cache_dir, errors)
         refs = {m.name: ("tar", str(tar_path), m.offset_data, m.size)
                 for m in _tar_members(tar_path, errors, path) if _is_image_name(m.name)}
         meta_dirs = [path.parent]

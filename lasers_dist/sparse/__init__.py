@@ -1,8 +1,10 @@
 """Sparse coding over a learned dictionary: Batch-OMP and the online dictionary update."""
 
 from lasers_dist.sparse.omp import SparseCodes, batch_omp
+from lasers_dist.sparse.online import (
+    OnlineDictionaryStats,
+    batch_statistics,
+    bcd_update,
+)
 
-__all__ = ["SparseCodes", "batch_omp"]
-from lasers_dist.sparse.online import OnlineDictionaryStats, batch_statistics, bcd_update  # noqa: E402
-
-__all__ += ["OnlineDictionaryStats", "batch_statistics", "bcd_update"]
+__all__ = ["OnlineDictionaryStats", "SparseCodes", "batch_omp", "batch_statistics", "bcd_update"]

@@ -38,6 +38,12 @@ class DistEnv:
         return self.rank == 0
 
 
+def cuda_device_index(env: DistEnv) -> int:
+    """The CUDA device of this rank: its local rank when it sees all of the node's GPUs (torchrun), or its own
+    GPU when the launcher hid the others (srun --gpus-per-task=1 leaves one visible device, index 0)."""
+    return env.local_rank % max(1, torch.cuda.device_count())
+
+
 def skip_shm_comm_build() -> None:
     """Tell DeepSpeed its shared-memory comm op is unavailable, so init_distributed does not JIT-compile it
     (~30 s with g++). Training collectives go through torch.distributed anyway."""
@@ -59,8 +65,8 @@ def init_distributed(env: DistEnv, device_type: str, timeout_s: float) -> torch.
 
     skip_shm_comm_build()
     if device_type == "cuda":
-        torch.cuda.set_device(env.local_rank)
-        device = torch.device("cuda", env.local_rank)
+        device = torch.device("cuda", cuda_device_index(env))
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     backend = "nccl" if device_type == "cuda" else "gloo"
@@ -87,10 +93,6 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -108,15 +110,6 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if op == "mean":
             tensor /= dist.get_world_size()
     return tensor
-
-
-def all_gather_objects(obj: object) -> list[object]:
-    """Every rank's `obj`, in rank order (small picklable objects only: metadata, not tensors of weights)."""
-    if not dist.is_initialized():
-        return [obj]
-    gathered: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

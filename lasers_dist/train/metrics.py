@@ -63,8 +63,9 @@ class MetricsLog:
     events under out_dir/tensorboard when the tensorboard package is installed, and a tqdm progress bar.
     Other ranks construct it disabled and every call is a no-op."""
 
-    def __init__(self, out_dir: str | Path, enabled: bool, total_steps: int, start_step: int = 0,
-                 progress: bool = True) -> None:
+    def __init__(
+        self, out_dir: str | Path, enabled: bool, total_steps: int, start_step: int = 0, progress: bool = True
+    ) -> None:
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self._file = None
@@ -90,7 +91,7 @@ class MetricsLog:
         # A run that resumes from step N rewrites steps > N: keep the file one line per step, as if uninterrupted.
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -134,6 +135,13 @@ class MetricsLog:
         if self._bar is not None:
             self._bar.close()
         self._file = self._tensorboard = self._bar = None
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf  # a torn line (the process was killed while writing it): dropped
 
 
 def _finite(value: Any) -> Any:

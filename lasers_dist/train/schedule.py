@@ -29,7 +29,9 @@ class WarmupCosine:
         if self.kind not in SCHEDULES:
             raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.kind!r}")
         if self.warmup_steps < 0 or self.total_steps < 1:
-            raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {self.warmup_steps}, {self.total_steps}")
+            raise ValueError(
+                f"need warmup_steps >= 0 and total_steps >= 1, got {self.warmup_steps} and {self.total_steps}"
+            )
         if not 0.0 <= self.min_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_ratio}")
 

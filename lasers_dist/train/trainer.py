@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lasers_dist.bottleneck import perplexity
 from lasers_dist.config import Config, save_config
-from lasers_dist.data import ShardStream
+from lasers_dist.data import ShardStream, expand_urls
 from lasers_dist.losses import ReconstructionLoss
 from lasers_dist.models import build_autoencoder, build_discriminator
 from lasers_dist.train import checkpoint as ckpt
@@ -64,49 +64,43 @@ def micro_batch_size(cfg: Config, world_size: int) -> int:
     return cfg.train.batch_size // (world_size * cfg.optim.grad_accum_steps)
 
 
-def build_train_stream(cfg: Config, env: DistEnv, seed_offset: int = 0) -> ShardStream:
+def _stream_args(cfg: Config, world_size: int) -> dict:
     d = cfg.data
-    return ShardStream(
-        d.train_shards,
-        batch_size=micro_batch_size(cfg, env.world_size),
+    return dict(
+        batch_size=micro_batch_size(cfg, world_size),
         image_size=d.image_size,
-        mode=d.mode,
-        train=True,
-        seed=cfg.train.seed + seed_offset,
-        rank=env.rank,
-        world_size=env.world_size,
-        num_workers=d.num_workers,
-        batches_per_epoch=d.batches_per_epoch if d.mode == "resampled" else None,
+        seed=cfg.train.seed,
         degradation=None if d.degradation == "none" else d.degradation,
         sr_factor=d.sr_factor,
         mask_fraction=d.inpaint_fraction,
     )
 
 
+def build_train_stream(cfg: Config, env: DistEnv) -> ShardStream:
+    d = cfg.data
+    return ShardStream(
+        d.train_shards,
+        mode=d.mode,
+        train=True,
+        rank=env.rank,
+        world_size=env.world_size,
+        num_workers=d.num_workers,
+        batches_per_epoch=d.batches_per_epoch if d.mode == "resampled" else None,
+        **_stream_args(cfg, env.world_size),
+    )
+
+
 def build_val_stream(cfg: Config, env: DistEnv) -> ShardStream | None:
     """This rank's share of the val shards (in order, centre crops), or None when it gets no shard: with fewer
     val shards than ranks the first ranks validate and the others contribute nothing to the reduction."""
-    d = cfg.data
-    if not d.val_shards:
+    if not cfg.data.val_shards:
         return None
-    from lasers_dist.data import expand_urls
-
-    val_world = min(env.world_size, len(expand_urls(d.val_shards)))
+    val_world = min(env.world_size, len(expand_urls(cfg.data.val_shards)))
     if env.rank >= val_world:
         return None
     return ShardStream(
-        d.val_shards,
-        batch_size=micro_batch_size(cfg, env.world_size),
-        image_size=d.image_size,
-        mode="split",
-        train=False,
-        seed=cfg.train.seed,
-        rank=env.rank,
-        world_size=val_world,
-        num_workers=0,
-        degradation=None if d.degradation == "none" else d.degradation,
-        sr_factor=d.sr_factor,
-        mask_fraction=d.inpaint_fraction,
+        cfg.data.val_shards, mode="split", train=False, rank=env.rank, world_size=val_world, num_workers=0,
+        **_stream_args(cfg, env.world_size),
     )
 
 
@@ -180,6 +174,7 @@ class Trainer:
         if env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
+        self._write_status("running", "", ckpt.latest_checkpoint(self.checkpoints))  # a crash leaves "running"
         log = MetricsLog(self.out_dir, env.is_main, cfg.train.max_steps, self.step, progress=self.progress)
         if resume is not None:
             log.message(f"lasers-train: resumed from {resume} at step {self.step}")
@@ -189,7 +184,7 @@ class Trainer:
             log.close()
 
     def _loop(self, log: MetricsLog) -> TrainResult:
-        cfg, t = self.cfg, self.cfg.train
+        cfg, t, accum_steps = self.cfg, self.cfg.train, self.cfg.optim.grad_accum_steps
         metrics = MetricAccumulator()
         batches = self.train_stream.forever()
         last_checkpoint = ckpt.latest_checkpoint(self.checkpoints)
@@ -199,7 +194,7 @@ class Trainer:
             while self.step < t.max_steps:
                 start = time.perf_counter()
                 with data_rng():
-                    micro_batches = [split_batch(next(batches), self.device) for _ in range(cfg.optim.grad_accum_steps)]
+                    micro_batches = [split_batch(next(batches), self.device) for _ in range(accum_steps)]
                 if self._sample_batch is None:
                     self._sample_batch = micro_batches[0][0][:8].clone()
                 metrics.add(train_step(self.engines, self.recon_loss, micro_batches, self.step, cfg))
@@ -234,7 +229,7 @@ class Trainer:
             )
         else:
             log.message(f"lasers-train: finished {self.step} steps; checkpoint {last_checkpoint}")
-        self._write_status(stopped, reason, last_checkpoint)
+        self._write_status("stopped" if stopped else "finished", reason, last_checkpoint)
         return TrainResult(self.step, stopped, reason, last_checkpoint)
 
     def _log_extras(self, images_per_s: float) -> dict[str, float]:
@@ -246,11 +241,12 @@ class Trainer:
             "data/corrupt_samples": corrupt.item(),
         }
 
-    def _write_status(self, stopped: bool, reason: str, checkpoint: Path | None) -> None:
-        # Machine-readable end state for requeue scripts: "stopped" means resumable with --resume auto.
+    def _write_status(self, state: str, reason: str, checkpoint: Path | None) -> None:
+        """out_dir/status.json for requeue scripts: state "running" (still running, or crashed), "stopped"
+        (a signal or train.stop_at_step: resumable with --resume auto) or "finished"."""
         if not self.env.is_main:
             return
-        status = {"state": "stopped" if stopped else "finished", "step": self.step, "reason": reason,
+        status = {"state": state, "step": self.step, "reason": reason,
                   "checkpoint": str(checkpoint) if checkpoint else None}
         (self.out_dir / "status.json").write_text(json.dumps(status) + "\n")
 
@@ -260,7 +256,8 @@ class Trainer:
         rank_state = {"step": step, "stream": self.train_stream.state_dict(), "rng": ckpt.rng_state()}
         meta = ckpt.build_meta(step, self.cfg, self.env.world_size)
         meta["stream_epoch"] = int(rank_state["stream"].get("epoch", 0))
-        return ckpt.save_checkpoint(self.checkpoints, step, self.engines, rank_state, meta, self.cfg.train.keep_checkpoints)
+        keep = self.cfg.train.keep_checkpoints
+        return ckpt.save_checkpoint(self.checkpoints, step, self.engines, rank_state, meta, keep)
 
     # ---- validation and samples -------------------------------------------------------------------------
 
