@@ -136,3 +136,18 @@ def test_resume_on_another_world_size_is_refused(runs, monkeypatch, capsys):
     assert main(["--config", config, "deepspeed.zero_stage=1", "--resume", "auto"]) == 2
     assert "deepspeed.zero_stage=2" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()  # refused before any process group started
+
+
+def test_export_of_a_real_run_loads_without_deepspeed(runs, tmp_path):
+    """lasers-export on the trained run dir -> load_pretrained -> encode/decode equal the run's own model."""
+    import lasers_dist
+    from lasers_dist.cli.export import main as export_main
+
+    out = tmp_path / "model.safetensors"
+    assert export_main([str(runs["parts"]), str(out)]) == 0
+    model = lasers_dist.load_pretrained(out)
+    from_checkpoint = lasers_dist.load_pretrained(runs["parts"] / "checkpoints" / ckpt.step_name(2 * T))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    codes = model.encode(images)
+    assert codes.indices.shape[:2] == (2, model.config.model.sparsity)
+    torch.testing.assert_close(model.decode(codes), from_checkpoint.decode(from_checkpoint.encode(images)))
