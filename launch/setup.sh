@@ -11,7 +11,7 @@ torch_spec=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 if ! "$py" -c "import torch, torchvision" >/dev/null 2>&1; then
   echo "[setup] installing $torch_spec"
   # shellcheck disable=SC2086
-  "$py" -m pip install --quiet $torch_spec
+  "$py" -m pip install --quiet --root-user-action=ignore $torch_spec
 fi
 
 # The editable install must point at THIS checkout (CI clones into a new folder) and every dependency must import.
@@ -26,6 +26,6 @@ installed_from=${installed_from##*$'\n'}  # last line only: deepspeed logs to st
 if [[ "$installed_from" != "$repo" ]]; then
   echo "[setup] installing lasers_dist (editable, with the dev extra) from $repo"
   # DS_BUILD_OPS=0: DeepSpeed installs from source without compiling its CUDA/C++ ops (JIT-built if ever used).
-  (cd "$repo" && DS_BUILD_OPS=0 "$py" -m pip install --quiet -e ".[dev]")
+  (cd "$repo" && DS_BUILD_OPS=0 "$py" -m pip install --quiet --root-user-action=ignore -e ".[dev]")
 fi
 echo "[setup] ready: $("$py" -c 'import torch, deepspeed; print("torch", torch.__version__, "| deepspeed", deepspeed.__version__)' 2>/dev/null | tail -n 1)"
