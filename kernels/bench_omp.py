@@ -192,7 +192,13 @@ def main(argv: list[str] | None = None) -> dict:
     for n, atoms, dim, sparsity in configs:
         rows += bench_config(args, n, atoms, dim, sparsity, backends, device, skipped)
     print_table(rows, skipped)
-    result = {"rows": rows, "skipped": skipped, "machine": machine_info(device),
+    step = None
+    if args.backend == "all":
+        # The share of OMP in a whole DL-GAN training step at 256^2, against the same step with the VQ bottleneck.
+        from lasers_dist.kernels.bench_step import main as bench_step
+
+        step = bench_step(["--device", str(device), "--json", str(args.json.with_name("step.json"))])
+    result = {"rows": rows, "skipped": skipped, "step": step, "machine": machine_info(device),
               "flops_formula": "2NK*dim + sum_{s<S} 2NKs + sum_{s<=S} 2Ns^2",
               "bytes_formula": "N*dim*b + N*S*(8+b) + ceil(N/chunk)*K^2*4"}
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -250,15 +250,48 @@ def _check_shards(key: str, pattern: str) -> None:
         )
 
 
+def _check_ranges(cfg: Config) -> None:
+    """Single keys whose value is out of range, whatever the other keys say."""
+    positive = {
+        "model.num_atoms": cfg.model.num_atoms, "model.embed_dim": cfg.model.embed_dim,
+        "model.hidden_channels": cfg.model.hidden_channels, "model.norm_groups": cfg.model.norm_groups,
+        "data.image_size": cfg.data.image_size, "data.sr_factor": cfg.data.sr_factor,
+        "optim.grad_accum_steps": cfg.optim.grad_accum_steps, "train.batch_size": cfg.train.batch_size,
+        "train.collective_timeout_s": cfg.train.collective_timeout_s,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+    non_negative = {
+        "data.num_workers": cfg.data.num_workers, "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.grad_clip": cfg.optim.grad_clip, "optim.weight_decay": cfg.optim.weight_decay,
+        "loss.disc_start": cfg.loss.disc_start, "model.revive_dead_every": cfg.model.revive_dead_every,
+        "model.beta": cfg.model.beta, "train.stop_at_step": cfg.train.stop_at_step,
+        "optim.lr": cfg.optim.lr, "optim.disc_lr": cfg.optim.disc_lr,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    if not 0.0 <= cfg.model.ema_decay < 1.0:
+        raise ConfigError(f"config key 'model.ema_decay' must be in [0, 1), got {cfg.model.ema_decay}")
+    if not 0.0 < cfg.data.inpaint_fraction < 1.0:
+        raise ConfigError(f"config key 'data.inpaint_fraction' must be in (0, 1), got {cfg.data.inpaint_fraction}")
+
+
 def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None:
     """Reject impossible combinations before any process group starts."""
-    m, d, t = cfg.model, cfg.data, cfg.train
-    if m.num_atoms < 1 or m.embed_dim < 1:
-        raise ConfigError("model.num_atoms and model.embed_dim must be >= 1")
+    m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
+    _check_ranges(cfg)
     if m.bottleneck == "dictionary" and not 1 <= m.sparsity <= m.num_atoms:
         raise ConfigError(f"model.sparsity={m.sparsity} must be in [1, model.num_atoms={m.num_atoms}]")
     if len(m.patch_size) != 2 or min(m.patch_size) < 1:
         raise ConfigError(f"model.patch_size must be two positive ints [P_H, P_W], got {m.patch_size}")
+    code_dim = m.embed_dim * m.patch_size[0] * m.patch_size[1]
+    if m.bottleneck == "dictionary" and m.sparsity > code_dim:
+        raise ConfigError(
+            f"model.sparsity={m.sparsity} exceeds the coded signal's dimension {code_dim} (model.embed_dim x "
+            "model.patch_size): more atoms than dimensions are linearly dependent"
+        )
     if m.bottleneck == "vq" and m.patch_size != [1, 1]:
         raise ConfigError("model.patch_size must be [1, 1] for model.bottleneck=vq")
     if m.architecture == "deep" and not 3 <= len(m.channel_mult) <= 6:
@@ -276,7 +309,9 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
         raise ConfigError(f"loss.perceptual_weight={cfg.loss.perceptual_weight} must be in [0, 1]")
     if cfg.deepspeed.zero_stage not in (0, 1, 2):
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage} is not one of 0, 1, 2")
-    per_step = world_size * cfg.optim.grad_accum_steps
+    if d.degradation == "super_resolution" and d.image_size % d.sr_factor:
+        raise ConfigError(f"data.sr_factor={d.sr_factor} does not divide data.image_size={d.image_size}")
+    per_step = world_size * o.grad_accum_steps
     if t.batch_size < per_step or t.batch_size % per_step:
         raise ConfigError(
             f"train.batch_size={t.batch_size} must be a positive multiple of world size ({world_size}) x "
@@ -287,6 +322,13 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if check_files:
         _check_shards("data.train_shards", d.train_shards)
+        readers = world_size * max(d.num_workers, 1)
+        if d.mode == "split" and len(expand_shards(d.train_shards)) < readers:
+            raise ConfigError(
+                f"data.mode=split needs at least world size x data.num_workers = {readers} shards, "
+                f"{d.train_shards} has {len(expand_shards(d.train_shards))}: write more, smaller shards "
+                "(lasers-shard --max-count), lower data.num_workers, or use data.mode=resampled"
+            )
         if d.val_shards:
             _check_shards("data.val_shards", d.val_shards)
         if cfg.deepspeed.config_file and not Path(cfg.deepspeed.config_file).is_file():

@@ -61,6 +61,12 @@ def test_ints_widen_to_float_and_overrides_parse_yaml() -> None:
         ({"train": {"batch_size": 6}}, 4, "train.batch_size=6"),
         ({"model": {"architecture": "deep", "channel_mult": [1, 2]}}, 1, "model.channel_mult"),
         ({"deepspeed": {"zero_stage": 3}}, 1, "zero_stage"),
+        ({"optim": {"grad_accum_steps": 0}}, 1, "optim.grad_accum_steps"),
+        ({"model": {"sparsity": 20}}, 1, "exceeds the coded signal's dimension 16"),
+        ({"model": {"ema_decay": 1.5}}, 1, "model.ema_decay"),
+        ({"data": {"image_size": 0}}, 1, "data.image_size"),
+        ({"train": {"collective_timeout_s": 0}}, 1, "train.collective_timeout_s"),
+        ({"data": {"degradation": "super_resolution", "sr_factor": 3}}, 1, "data.sr_factor=3"),
     ],
 )
 def test_impossible_combinations_fail_before_launch(raw: dict, world: int, message: str) -> None:

@@ -243,3 +243,18 @@ def test_torch_backend_on_cuda_matches_cpu():
     gpu = batch_omp(x.cuda(), dictionary.cuda(), 5, backend="torch")
     assert gpu.indices.is_cuda and gpu.coeffs.dtype == torch.float64
     assert (gpu.indices.cpu() == cpu.indices).all(dim=1).float().mean() >= 0.99
+
+
+def test_atoms_within_the_norm_tolerance_still_get_least_squares_coefficients() -> None:
+    """Rows a hair off unit norm (accepted) must not bias the coefficients: the fit is exact on the atoms given."""
+    gen = torch.Generator().manual_seed(5)
+    unit = torch.randn(64, 16, generator=gen, dtype=torch.float64)
+    unit /= unit.norm(dim=1, keepdim=True)
+    dictionary = unit * (1 + 9e-4 * torch.rand(64, 1, generator=gen, dtype=torch.float64))
+    x = torch.randn(200, 16, generator=gen, dtype=torch.float64)
+    codes = batch_omp(x, dictionary, 4)
+    residual = x - codes.reconstruct(dictionary)
+    chosen = dictionary[codes.indices]  # (N, S, dim)
+    assert torch.einsum("nsd,nd->ns", chosen, residual).abs().max() < 1e-10
+    reference = batch_omp(x, unit, 4)
+    torch.testing.assert_close(codes.indices, reference.indices)

@@ -135,6 +135,8 @@ def test_resume_on_another_world_size_is_refused(runs, monkeypatch, capsys):
     assert "data.mode=split" in capsys.readouterr().err
     assert main(["--config", config, "deepspeed.zero_stage=1", "--resume", "auto"]) == 2
     assert "deepspeed.zero_stage=2" in capsys.readouterr().err
+    assert main(["--config", config, "train.precision=bf16", "--resume", "auto"]) == 2
+    assert "train.precision=fp32" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()  # refused before any process group started
 
 

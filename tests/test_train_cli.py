@@ -58,9 +58,16 @@ def config_file(tmp_path_factory, tmp_path):
         (["data.train_shards=/nonexistent/train-*.tar"], "lasers-shard"),
         (["deepspeed.zero_stage=3"], "deepspeed.zero_stage=3"),
         ([f"deepspeed.config_file={REPO / 'configs' / 'deepspeed' / 'zero2.json'}"], "zero_optimization.stage"),
+        (["optim.grad_accum_steps=0"], "'optim.grad_accum_steps' must be > 0"),
+        (["model.sparsity=9"], "exceeds the coded signal's dimension 8"),
+        (["model.norm_groups=5"], "model.norm_groups=5 does not divide"),
+        (["loss.lpips_random_backbone=false", "loss.lpips_net=squeeze"], "squeezenet1_1-b8a52dc0.pth"),
+        (["data.mode=split", "data.num_workers=8"], "data.mode=split needs at least"),
     ],
 )
-def test_bad_config_fails_before_process_group(two_rank_env, config_file, capsys, overrides, message):
+def test_bad_config_fails_before_process_group(two_rank_env, config_file, capsys, monkeypatch, tmp_path, overrides,
+                                               message):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # read by torch.hub: no LPIPS weights
     started = time.perf_counter()
     assert main(["--config", config_file(), *overrides]) == 2
     err = capsys.readouterr().err
@@ -176,3 +183,53 @@ def test_signal_to_one_rank_stops_all_ranks(tmp_path_factory, tmp_path):
     assert ckpt.read_meta(folder)["step"] == status["step"]
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert f"stopped early at step {status['step']} (SIGUSR1)" in output and "--resume auto" in output
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_with_data_workers_saves_a_checkpoint(tmp_path_factory, tmp_path):
+    """SIGTERM to torchrun, which forwards it to each rank's whole process group, DataLoader workers included:
+    the workers survive it, the ranks finish the step and commit a checkpoint before torchrun gives up on them."""
+    out = tmp_path / "run"
+    cfg = tiny_config(session_shards(tmp_path_factory), out, data={"num_workers": 1},
+                      train={"max_steps": 10_000, "checkpoint_every": 10_000})
+    config = write_config(tmp_path / "cfg.yaml", cfg)
+    proc = subprocess.Popen(train_cli(2, config), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        metrics = out / "metrics.jsonl"
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert time.time() < deadline, "training did not start"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "DataLoader worker" not in output, output[-4000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "stopped" and status["reason"] == "SIGTERM", output[-4000:]
+    folder = out / "checkpoints" / ckpt.step_name(status["step"])
+    assert ckpt.rank_file(folder, 0).is_file() and ckpt.rank_file(folder, 1).is_file()
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_bf16_engines_keep_optimizer_free_state_in_fp32():
+    """What a bf16 engine casts back: EMA / online statistics and the online dictionary (no fp32 master copy
+    exists for them), never the trainable weights that the optimizer's master copy shadows."""
+    from lasers_dist.config import config_from_dict
+    from lasers_dist.models import build_autoencoder
+    from lasers_dist.train.engines import _restore_fp32_state
+
+    for model_cfg in ({"dictionary_update": "online"}, {"bottleneck": "vq"}):
+        cfg = config_from_dict({"model": {"num_atoms": 16, "embed_dim": 4, "sparsity": 2, "hidden_channels": 8,
+                                          **model_cfg}})
+        module = build_autoencoder(cfg.model).to(torch.bfloat16)
+        _restore_fp32_state(module)
+        floats = [b for b in module.bottleneck.buffers() if b.is_floating_point()]
+        assert floats and all(b.dtype == torch.float32 for b in floats)
+        assert all(p.dtype == torch.float32 for p in module.parameters() if not p.requires_grad)
+        assert module.decoder.last_layer.dtype == torch.bfloat16
+        images = torch.rand(1, 3, 16, 16, dtype=torch.bfloat16) * 2 - 1
+        assert module.train()(images).reconstructions.dtype == torch.bfloat16

@@ -169,6 +169,30 @@ def _cpu_threads(local_world_size: int) -> int:
 # ---- main ----------------------------------------------------------------------------------------------
 
 
+def _check_buildable(cfg) -> None:
+    """Build the models on the meta device (no memory, no compute) so that shape and channel errors, and missing
+    LPIPS weights, stop the run here instead of after every rank has joined the process group."""
+    import torch
+
+    from lasers_dist.losses.reconstruction import backbone_weights_path
+    from lasers_dist.models import build_autoencoder, build_discriminator
+
+    try:
+        with torch.device("meta"):
+            build_autoencoder(cfg.model)
+            build_discriminator(cfg.model)
+    except ValueError as err:
+        raise ConfigError(f"the model described by the config cannot be built: {err}") from err
+    if cfg.loss.perceptual_weight > 0 and not cfg.loss.lpips_random_backbone:
+        weights = backbone_weights_path(cfg.loss.lpips_net)
+        if not weights.is_file():
+            raise ConfigError(
+                f"loss.perceptual_weight={cfg.loss.perceptual_weight} needs LPIPS, whose {cfg.loss.lpips_net} "
+                f"backbone weights {weights.name} are not in {weights.parent}: copy the file there, or set "
+                "loss.perceptual_weight=0 (MSE only)"
+            )
+
+
 def preflight(args: argparse.Namespace, environ: Mapping[str, str]):
     """Config, environment and resume checks that need no process group. Returns (cfg, env, resume folder)."""
     from lasers_dist.train import checkpoint as ckpt
@@ -178,6 +202,7 @@ def preflight(args: argparse.Namespace, environ: Mapping[str, str]):
     env = dist_env_from_environ(environ)
     validate(cfg, env.world_size)
     deepspeed_config(cfg, env.world_size)  # the JSON file's keys against ours
+    _check_buildable(cfg)
     checkpoints = Path(cfg.train.out_dir) / "checkpoints"
     resume = None
     if args.resume is not None:
@@ -189,7 +214,8 @@ def preflight(args: argparse.Namespace, environ: Mapping[str, str]):
         )
     if resume is not None:
         ckpt.check_resume_compatible(
-            ckpt.read_meta(resume), env.world_size, cfg.data.mode, cfg.deepspeed.zero_stage, resume
+            ckpt.read_meta(resume), env.world_size, cfg.data.mode, cfg.deepspeed.zero_stage, resume,
+            cfg.train.precision,
         )
     return cfg, env, resume
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import signal
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -128,6 +129,17 @@ class _StreamDataset(IterableDataset):
             yield from _worker_batches(self.spec, epoch, worker, cursor, count)
 
 
+def _survive_stop_signals(worker_id: int) -> None:
+    """DataLoader worker start: ignore SIGTERM / SIGUSR1.
+
+    torchrun and Slurm deliver a stop signal to a rank's whole process group, workers included. A worker killed
+    by it takes the rank down with "DataLoader worker exited unexpectedly" before the main process can finish
+    its step and save the checkpoint the signal asked for. Workers still end with their parent (they watch it).
+    """
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class ShardStream:
     """Batches of images from WebDataset shards for one rank (an epoch at a time, exactly resumable).
 
@@ -227,7 +239,8 @@ class ShardStream:
         workers = self.num_workers > 0
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if workers else None,
-                            multiprocessing_context=self.multiprocessing_context if workers else None)
+                            multiprocessing_context=self.multiprocessing_context if workers else None,
+                            worker_init_fn=_survive_stop_signals if workers else None)
         return iter(loader)
 
     def _next_batch(self) -> dict:

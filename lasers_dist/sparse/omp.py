@@ -87,16 +87,21 @@ def batch_omp(
     """
     _check_inputs(x, dictionary, sparsity, backend, chunk_size)
     out_dtype = x.dtype
+    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.no_grad():
+        # Both backends assume G_jj = 1 exactly. Rows within the unit-norm tolerance are coded over the exactly
+        # normalised atoms and the coefficients divided by the norms, which is the least-squares fit on the
+        # atoms as given (and the same selection, by normalised correlation).
+        norms = dictionary.to(compute_dtype).norm(dim=1)
+        atoms = dictionary.to(compute_dtype) / norms[:, None]
         if _pick_triton(backend, x, dictionary.shape[0], sparsity):
             from lasers_dist.kernels.omp_triton import batch_omp_triton
 
-            indices, coeffs = batch_omp_triton(x.float().contiguous(), dictionary.float().contiguous(), sparsity)
-            return SparseCodes(indices.long(), coeffs.to(out_dtype))
-        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        indices, coeffs = _batch_omp_torch(
-            x.to(compute_dtype), dictionary.to(compute_dtype), sparsity, chunk_size
-        )
+            indices, coeffs = batch_omp_triton(x.float().contiguous(), atoms.float().contiguous(), sparsity)
+            indices = indices.long()
+        else:
+            indices, coeffs = _batch_omp_torch(x.to(compute_dtype), atoms, sparsity, chunk_size)
+        coeffs = coeffs / norms.to(coeffs.dtype)[indices]
         return SparseCodes(indices, coeffs.to(out_dtype))
 
 

@@ -88,12 +88,18 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
 
 
 def check_resume_compatible(meta: dict[str, Any], world_size: int, stream_mode: str, zero_stage: int,
-                            folder: Path) -> None:
+                            folder: Path, precision: str | None = None) -> None:
     """Refuse a resume that cannot continue the saved run: another ZeRO stage (the optimizer state has another
     layout), or another world size unless the stream is resampled (split streams hand each rank a fixed slice
     of the shards, so saved positions mean nothing on a different number of ranks) and the optimizer state is
     whole (ZeRO-1/2 partition it over the ranks that wrote it, and DeepSpeed cannot re-partition it)."""
     saved, saved_stage = int(meta["world_size"]), int(meta["zero_stage"])
+    saved_precision = meta.get("precision")
+    if precision is not None and saved_precision is not None and saved_precision != precision:
+        raise CheckpointError(
+            f"checkpoint {folder} was written with train.precision={saved_precision}, this run has {precision}: "
+            f"the optimizer state differs between the two; resume with train.precision={saved_precision}"
+        )
     if saved_stage != zero_stage:
         raise CheckpointError(
             f"checkpoint {folder} was written with deepspeed.zero_stage={saved_stage}, this run has {zero_stage}: "
@@ -165,6 +171,15 @@ def build_meta(step: int, cfg: Config, world_size: int) -> dict[str, Any]:
     }
 
 
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):  # files before the folders that hold them
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        else:
+            _fsync_dir(path)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -209,6 +224,7 @@ def save_checkpoint(
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     D.barrier()  # every rank's files are written
     if rank == 0:
+        _fsync_tree(tmp)  # contents on disk before the rename commits them (an OS crash must not tear them)
         os.rename(tmp, final)
         _fsync_dir(root)
         for _, old in list_checkpoints(root)[:-keep]:

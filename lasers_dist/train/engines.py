@@ -126,8 +126,25 @@ def _engine(module: nn.Module, lr: float, warmup: int, total: int, cfg: Config, 
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=copy.deepcopy(ds_config)
     )
+    if cfg.train.precision == "bf16":
+        _restore_fp32_state(engine.module)
     _broadcast_buffers(engine.module)
     return engine
+
+
+@torch.no_grad()
+def _restore_fp32_state(module: nn.Module) -> None:
+    # A bf16 engine casts every floating tensor of the module. Trainable weights keep an fp32 master copy in
+    # the optimizer, but state no optimizer owns (EMA codebook and cluster sizes, online A / B statistics, the
+    # online-updated dictionary) would be stored in bf16 and lose every update below 2^-8 relative. The
+    # bottleneck computes in fp32 and casts its output to the activations' dtype, so fp32 storage is safe.
+    for sub in module.modules():
+        for name, buffer in sub._buffers.items():
+            if buffer is not None and buffer.is_floating_point():
+                sub._buffers[name] = buffer.float()
+        for param in sub.parameters(recurse=False):
+            if not param.requires_grad and param.is_floating_point():
+                param.data = param.data.float()
 
 
 @torch.no_grad()

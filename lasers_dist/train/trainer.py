@@ -152,7 +152,8 @@ class Trainer:
         """Restore engines, step, this rank's stream position and RNG states from a committed checkpoint."""
         cfg = self.cfg
         ckpt.check_resume_compatible(
-            ckpt.read_meta(folder), self.env.world_size, cfg.data.mode, cfg.deepspeed.zero_stage, folder
+            ckpt.read_meta(folder), self.env.world_size, cfg.data.mode, cfg.deepspeed.zero_stage, folder,
+            cfg.train.precision,
         )
         meta, state = ckpt.load_checkpoint(folder, self.engines, self.env.rank)
         self.step = int(meta["step"])
