@@ -164,7 +164,10 @@ def test_batch_omp_dispatches_to_kernel(device):
     x = torch.randn(40, 16, generator=generator)
     codes = batch_omp(x.to(device), dictionary.to(device), 3, backend="triton")
     indices, coeffs = batch_omp_triton(x.to(device), dictionary.to(device), 3)
-    assert torch.equal(codes.indices, indices) and torch.equal(codes.coeffs, coeffs)
+    # batch_omp renormalises the atoms (exact least squares for rows a rounding error off unit norm): the
+    # kernel's own output differs from it by that rounding only.
+    assert torch.equal(codes.indices, indices)
+    torch.testing.assert_close(codes.coeffs, coeffs, rtol=1e-6, atol=1e-6)
     empty_indices, empty_coeffs = batch_omp_triton(x[:0].to(device), dictionary.to(device), 3)
     assert empty_indices.shape == empty_coeffs.shape == (0, 3)
 
