@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -152,13 +153,9 @@ def test_stop_flag_records_signals_and_restores_handlers():
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
-@pytest.mark.slow
-def test_signal_to_one_rank_stops_all_ranks(tmp_path_factory, tmp_path):
-    """SIGUSR1 to rank 1 only: both ranks agree at the next step, save one checkpoint together, exit 0."""
-    out = tmp_path / "run"
-    cfg = tiny_config(session_shards(tmp_path_factory), out, train={"max_steps": 10_000, "checkpoint_every": 10_000},
-                      deepspeed={"zero_stage": 1})
-    config = write_config(tmp_path / "cfg.yaml", cfg)
+def _signal_running_training(config: Path, out: Path, send) -> tuple[subprocess.Popen, str]:
+    """Start a 2-rank torchrun training, wait until it has logged 2 steps, call send(torchrun process), and
+    return the process with its output once it has exited."""
     proc = subprocess.Popen(train_cli(2, config), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -168,20 +165,39 @@ def test_signal_to_one_rank_stops_all_ranks(tmp_path_factory, tmp_path):
             assert proc.poll() is None, proc.stdout.read()[-4000:]
             assert time.time() < deadline, "training did not start"
             time.sleep(0.5)
-        workers = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children()}
-        workers["1"].send_signal(signal.SIGUSR1)
+        send(proc)
         output, _ = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, output[-4000:]
+    return proc, output
+
+
+def _assert_stopped_with_checkpoint(out: Path, reason: str, output: str) -> dict:
     status = json.loads((out / "status.json").read_text())
-    assert status["state"] == "stopped" and status["reason"] == "SIGUSR1" and 2 <= status["step"] < 10_000
+    assert status["state"] == "stopped" and status["reason"] == reason and 2 <= status["step"] < 10_000, output[-4000:]
     folder = out / "checkpoints" / ckpt.step_name(status["step"])
     assert status["checkpoint"] == str(folder)
     assert ckpt.rank_file(folder, 0).is_file() and ckpt.rank_file(folder, 1).is_file()
     assert ckpt.read_meta(folder)["step"] == status["step"]
     assert not list((out / "checkpoints").glob(".tmp-*"))
+    return status
+
+
+@pytest.mark.slow
+def test_signal_to_one_rank_stops_all_ranks(tmp_path_factory, tmp_path):
+    """SIGUSR1 to rank 1 only: both ranks agree at the next step, save one checkpoint together, exit 0."""
+    out = tmp_path / "run"
+    cfg = tiny_config(session_shards(tmp_path_factory), out, train={"max_steps": 10_000, "checkpoint_every": 10_000},
+                      deepspeed={"zero_stage": 1})
+
+    def to_rank_1(proc: subprocess.Popen) -> None:
+        workers = {p.environ().get("RANK"): p for p in psutil.Process(proc.pid).children()}
+        workers["1"].send_signal(signal.SIGUSR1)
+
+    proc, output = _signal_running_training(write_config(tmp_path / "cfg.yaml", cfg), out, to_rank_1)
+    assert proc.returncode == 0, output[-4000:]
+    status = _assert_stopped_with_checkpoint(out, "SIGUSR1", output)
     assert f"stopped early at step {status['step']} (SIGUSR1)" in output and "--resume auto" in output
 
 
@@ -193,26 +209,9 @@ def test_sigterm_to_torchrun_with_data_workers_saves_a_checkpoint(tmp_path_facto
     cfg = tiny_config(session_shards(tmp_path_factory), out, data={"num_workers": 1},
                       train={"max_steps": 10_000, "checkpoint_every": 10_000})
     config = write_config(tmp_path / "cfg.yaml", cfg)
-    proc = subprocess.Popen(train_cli(2, config), cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 240
-        metrics = out / "metrics.jsonl"
-        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
-            assert proc.poll() is None, proc.stdout.read()[-4000:]
-            assert time.time() < deadline, "training did not start"
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _, output = _signal_running_training(config, out, lambda proc: proc.send_signal(signal.SIGTERM))
     assert "DataLoader worker" not in output, output[-4000:]
-    status = json.loads((out / "status.json").read_text())
-    assert status["state"] == "stopped" and status["reason"] == "SIGTERM", output[-4000:]
-    folder = out / "checkpoints" / ckpt.step_name(status["step"])
-    assert ckpt.rank_file(folder, 0).is_file() and ckpt.rank_file(folder, 1).is_file()
-    assert not list((out / "checkpoints").glob(".tmp-*"))
+    _assert_stopped_with_checkpoint(out, "SIGTERM", output)
 
 
 def test_bf16_engines_keep_optimizer_free_state_in_fp32():
