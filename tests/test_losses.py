@@ -188,3 +188,17 @@ def test_gan_diagnostics_reduce_and_detach():
     assert set(values) == {"train/disc_weight", "train/logits_real", "train/logits_fake", "train/disc_loss"}
     assert values["train/logits_real"].item() == 2.0 and values["train/logits_fake"].item() == -1.0
     assert not any(v.requires_grad for v in values.values())
+
+
+def test_adaptive_weight_reduces_the_gradients_before_the_norms():
+    """The data-parallel hook sees both gradients stacked; here it halves the GAN one, doubling lambda."""
+    last, recon, gan, recon_norm, gan_norm = tiny_generator_losses(gan_scale=3.0)
+    seen = []
+
+    def halve_gan(grads: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(grads.shape))
+        return grads * torch.tensor([1.0, 0.5]).view(2, *([1] * (grads.ndim - 1)))
+
+    weight = adaptive_weight(recon, gan, last, reduce_grads=halve_gan)
+    assert seen == [(2, *last.shape)]
+    torch.testing.assert_close(weight, recon_norm / (0.5 * gan_norm + 1e-6))

@@ -16,6 +16,8 @@ loss.disc_start optimizer steps.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from dataclasses import dataclass
 
 import torch
@@ -53,15 +55,22 @@ def adaptive_weight(
     last_layer: Tensor,
     delta: float = 1e-6,
     max_weight: float = 1e4,
+    reduce_grads: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """lambda = ||d recon / d last_layer|| / (||d gan / d last_layer|| + delta), clamped to [0, max_weight].
 
     Both losses must depend on `last_layer` (the decoder's final weight). The graph is kept (retain_graph) for
     the backward of the total loss; the result is detached, a 0-dim fp32 tensor.
+    reduce_grads: applied to the two stacked gradients (2, *last_layer.shape) before the norms; data-parallel
+    training passes a mean all-reduce so every rank uses the global batch's lambda (a per-rank lambda would
+    make N ranks differ from one process on the union of their batches).
     """
     recon_grad = torch.autograd.grad(recon_loss, last_layer, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    weight = recon_grad.float().norm() / (gan_grad.float().norm() + delta)
+    grads = torch.stack([recon_grad.float(), gan_grad.float()])
+    if reduce_grads is not None:
+        grads = reduce_grads(grads)
+    weight = grads[0].norm() / (grads[1].norm() + delta)
     return weight.clamp(0.0, max_weight).detach()
 
 

@@ -85,14 +85,13 @@ def batch_omp(
     Returns SparseCodes with indices (N, S) int64 and coeffs (N, S) in x's dtype. No gradients flow.
     bf16/fp16 inputs are computed in fp32; float64 inputs in float64.
     """
-    _check_inputs(x, dictionary, sparsity, backend, chunk_size)
-    out_dtype = x.dtype
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    norms = _check_inputs(x, dictionary, sparsity, backend, chunk_size, compute_dtype)
+    out_dtype = x.dtype
     with torch.no_grad():
         # Both backends assume G_jj = 1 exactly. Rows within the unit-norm tolerance are coded over the exactly
         # normalised atoms and the coefficients divided by the norms, which is the least-squares fit on the
         # atoms as given (and the same selection, by normalised correlation).
-        norms = dictionary.to(compute_dtype).norm(dim=1)
         atoms = dictionary.to(compute_dtype) / norms[:, None]
         if _pick_triton(backend, x, dictionary.shape[0], sparsity):
             from lasers_dist.kernels.omp_triton import batch_omp_triton
@@ -125,7 +124,9 @@ def _pick_triton(backend: str, x: Tensor, num_atoms: int, sparsity: int) -> bool
     return backend == "triton" or triton_supported(x.shape[0], num_atoms, x.shape[1], sparsity)
 
 
-def _check_inputs(x: Tensor, dictionary: Tensor, sparsity: int, backend: str, chunk_size: int | None) -> None:
+def _check_inputs(
+    x: Tensor, dictionary: Tensor, sparsity: int, backend: str, chunk_size: int | None, compute_dtype: torch.dtype
+) -> Tensor:
     """Raise TypeError/ValueError naming what was expected; see batch_omp for the contract."""
     if not isinstance(x, Tensor) or not isinstance(dictionary, Tensor):
         raise TypeError(
@@ -149,12 +150,13 @@ def _check_inputs(x: Tensor, dictionary: Tensor, sparsity: int, backend: str, ch
         raise ValueError(f"sparsity must be an int in [1, K={num_atoms}], got {sparsity!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    _check_values(x, dictionary)
+    return _check_values(x, dictionary, compute_dtype)
 
 
-def _check_values(x: Tensor, dictionary: Tensor) -> None:
-    """Unit-norm (and finite) atoms, finite signals. One host sync each on CUDA; details only on failure."""
-    norms = dictionary.detach().float().norm(dim=1)
+def _check_values(x: Tensor, dictionary: Tensor, compute_dtype: torch.dtype) -> Tensor:
+    """Unit-norm (and finite) atoms, finite signals; returns the (K,) atom norms in compute_dtype.
+    One host sync each on CUDA; details only on failure."""
+    norms = dictionary.detach().to(compute_dtype).norm(dim=1)
     bad_atoms = ~((norms - 1).abs() <= _UNIT_NORM_TOL)  # also true for NaN / Inf norms
     if bool(bad_atoms.any()):
         first = int(bad_atoms.nonzero()[0])
@@ -169,6 +171,7 @@ def _check_values(x: Tensor, dictionary: Tensor) -> None:
             f"x has {int(bad_rows.sum())} of {x.shape[0]} rows with NaN or Inf (first bad row: "
             f"{int(bad_rows.nonzero()[0])}); sparse codes of non-finite signals are undefined"
         )
+    return norms
 
 
 def _default_chunk_size(num_atoms: int) -> int:

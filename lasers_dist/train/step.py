@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lasers_dist.config import Config
-from lasers_dist.losses import discriminator_loss, disc_factor, generator_loss
+from lasers_dist.losses import adaptive_weight, discriminator_loss, disc_factor, generator_loss
 from lasers_dist.train import distributed as D
 from lasers_dist.train.metrics import psnr
 
@@ -37,19 +37,8 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
             p.requires_grad_(flag)
 
 
-def global_adaptive_weight(
-    recon_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, delta: float = 1e-6, max_weight: float = 1e4
-) -> Tensor:
-    """lambda = ||grad_last recon|| / (||grad_last GAN|| + delta), clamped to [0, max_weight], detached.
-
-    Same formula as lasers_dist.losses.adaptive_weight, but the two last-layer gradients are averaged over ranks
-    before the norms (one small all-reduce): every rank then uses the lambda of the global batch, so N ranks
-    take the step a single process would take on the union of their batches (a per-rank lambda would not).
-    """
-    recon_grad = torch.autograd.grad(recon_loss, last_layer, retain_graph=True)[0]
-    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    both = D.all_reduce_(torch.stack([recon_grad.float(), gan_grad.float()]), op="mean")
-    return (both[0].norm() / (both[1].norm() + delta)).clamp(0.0, max_weight).detach()
+def _mean_over_ranks(tensor: Tensor) -> Tensor:
+    return D.all_reduce_(tensor, op="mean")
 
 
 def module_dtype(module: nn.Module) -> torch.dtype:
@@ -84,7 +73,8 @@ def generator_micro_step(
         with frozen(disc.module):
             g_loss = generator_loss(disc.module(out.reconstructions), cfg.loss.gan_loss)
             if cfg.loss.adaptive_weight:
-                weight = global_adaptive_weight(recon, g_loss, gen.module.last_layer) * cfg.loss.disc_weight
+                weight = adaptive_weight(recon, g_loss, gen.module.last_layer, reduce_grads=_mean_over_ranks)
+                weight = weight * cfg.loss.disc_weight
             else:
                 weight = torch.tensor(cfg.loss.disc_weight, device=recon.device)
             loss = loss + factor * weight * g_loss
