@@ -38,6 +38,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--random-backbones", action="store_true",
                    help="TESTS ONLY: LPIPS / Inception with random weights (the numbers are then not LPIPS / FID)")
     p.add_argument("--min-fid-images", type=int, default=2048, help=argparse.SUPPRESS)  # tests only
+    p.add_argument("--fid-features", type=int, default=2048, help=argparse.SUPPRESS)  # tests only
     p.add_argument("--pictures", type=int, default=8, help="images shown in the figures (default 8)")
     p.add_argument("--workers", type=int, default=1, choices=(0, 1), help="decode in 0 or 1 background worker")
     p.add_argument("--no-progress", action="store_true")
@@ -102,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size, limit=args.limit, task=args.task, sparsity=args.sparsity,
         coeff_bits=args.coeff_bits, calibration_images=args.calibration_images, flip_limit=args.flip_limit,
         flip_ppd=args.flip_ppd, lpips=not args.no_lpips, rfid=not args.no_rfid,
-        random_backbones=args.random_backbones, min_fid_images=args.min_fid_images, num_pictures=args.pictures,
+        random_backbones=args.random_backbones, min_fid_images=args.min_fid_images,
+        fid_features=args.fid_features, num_pictures=args.pictures,
         num_workers=args.workers, progress=not args.no_progress)
     if env.world_size > 1:
         _start_group(env, device)

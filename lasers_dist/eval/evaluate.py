@@ -44,7 +44,8 @@ class EvalOptions:
     """How to evaluate. limit: the first N images; task: None = the run's data.degradation; sparsity: atoms per
     signal (None = trained S); coeff_bits: quantize coefficients to B bits (None = float32); flip_limit: FLIP on
     the first N images only (None = all, 0 = off); random_backbones: LPIPS / Inception with random weights
-    (tests only: the outputs are then not LPIPS or FID); min_fid_images: below this rFID is not reported."""
+    (tests only: the outputs are then not LPIPS or FID); min_fid_images: below this rFID is not reported;
+    fid_features: Inception features (2048 is FID; smaller ones only make tests fast)."""
 
     batch_size: int = 16
     limit: int | None = None
@@ -58,6 +59,7 @@ class EvalOptions:
     rfid: bool = True
     random_backbones: bool = False
     min_fid_images: int = 2048
+    fid_features: int = 2048
     num_pictures: int = 8
     num_workers: int = 0
     progress: bool = True
@@ -151,7 +153,7 @@ class _Evaluator:
         self.unavailable: dict[str, str] = {}
         self.lpips = self._backend("lpips", options.lpips, lambda: Lpips(device, options.random_backbones))
         self.fid = self._backend("rfid", options.rfid, lambda: FidAccumulator(
-            device, options.random_backbones, options.min_fid_images))
+            device, options.random_backbones, options.min_fid_images, options.fid_features))
         if not ms_ssim_available(image_size, image_size):
             self.unavailable["ms_ssim"] = (f"MS-SSIM needs image sides > 160 px (5 scales of an 11-px window); "
                                            f"these images are {image_size}x{image_size}")

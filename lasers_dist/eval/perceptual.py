@@ -8,7 +8,9 @@ weights, for tests of the code path only (the name says so, and it is never chos
 rFID follows torch-fidelity (what torchmetrics wraps): uint8 inputs, the TF1-compatible bilinear resize to
 299 x 299 (torchmetrics' default antialiased resize changes the numbers), 2048-d pool features, reference
 statistics from the originals of the same images. Below 2,048 images the 2048 x 2048 covariance is singular
-and the distance is not reported.
+and the distance is not reported. torchmetrics accumulates the feature sums; the distance itself is computed
+from symmetric eigendecompositions (Tr sqrt(S1 S2) = Tr sqrt(S1^1/2 S2 S1^1/2)), several times faster on a
+CPU than torchmetrics' general eigenvalue route and free of its complex round-off.
 """
 
 from __future__ import annotations
@@ -54,7 +56,17 @@ def inception_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
 
 
-def _inception(random_backbone: bool) -> nn.Module:
+def frechet_distance(mean_a: Tensor, cov_a: Tensor, mean_b: Tensor, cov_b: Tensor) -> float:
+    """||m_a - m_b||^2 + Tr(C_a + C_b - 2 (C_a C_b)^1/2) for (d,) means and (d, d) covariances, in float64."""
+    mean_a, cov_a, mean_b, cov_b = (t.double() for t in (mean_a, cov_a, mean_b, cov_b))
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+    middle = root_a @ cov_b @ root_a
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    return float((mean_a - mean_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt)
+
+
+def _inception(random_backbone: bool, features: int) -> nn.Module:
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     if random_backbone:
@@ -65,7 +77,7 @@ def _inception(random_backbone: bool) -> nn.Module:
         empty = io.BytesIO()
         torch.save({}, empty)
         empty.seek(0)
-        module = RandomInceptionV3("inception-v3-compat", [str(FID_FEATURES)], empty, antialias=False)
+        module = RandomInceptionV3("inception-v3-compat", [str(features)], empty, antialias=False)
         # A variance-preserving initialisation: with torch's defaults the activations shrink ~1e6-fold over the
         # network's depth and every image gets (nearly) the same features.
         for layer in module.modules():
@@ -80,8 +92,8 @@ def _inception(random_backbone: bool) -> nn.Module:
                 f"rFID needs the Inception-v3 weights file {path.name} in the folder {path.parent} "
                 "(torch.hub.get_dir()/checkpoints, set by $TORCH_HOME), and it is missing: copy it there from a "
                 "machine with network access (torch-fidelity downloads it on first use)")
-        module = NoTrainInceptionV3("inception-v3-compat", [str(FID_FEATURES)], str(path), antialias=False)
-    module.num_features = FID_FEATURES  # tells torchmetrics the size without a dummy forward
+        module = NoTrainInceptionV3("inception-v3-compat", [str(features)], str(path), antialias=False)
+    module.num_features = features  # tells torchmetrics the size without a dummy forward
     return module
 
 
@@ -92,12 +104,19 @@ class FidAccumulator:
     compute() gives the distance, or raises MetricUnavailable below `min_images` images.
     """
 
-    def __init__(self, device: torch.device, random_backbone: bool = False, min_images: int = MIN_FID_IMAGES):
+    def __init__(self, device: torch.device, random_backbone: bool = False, min_images: int = MIN_FID_IMAGES,
+                 features: int = FID_FEATURES):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        self.fid = FrechetInceptionDistance(feature=_inception(random_backbone), sync_on_compute=False).to(device)
+        if min_images < 2:
+            raise ValueError(f"min_images must be >= 2 (a covariance needs two samples), got {min_images}")
+        if features not in (64, 192, 768, 2048):
+            raise ValueError(f"Inception features must be 64, 192, 768 or 2048, got {features}")
+        inception = _inception(random_backbone, features)
+        self.fid = FrechetInceptionDistance(feature=inception, sync_on_compute=False).to(device)
         self.min_images = min_images
-        self.name = "inception-v3-compat pool3 2048-d (torch-fidelity resize)" + (
+        self.name = f"inception-v3-compat {features}-d (torch-fidelity resize)" + (
+            "" if features == FID_FEATURES else " (not the standard 2048-d FID)") + (
             " (random backbone: NOT FID, tests only)" if random_backbone else "")
 
     @torch.no_grad()
@@ -122,4 +141,8 @@ class FidAccumulator:
             raise MetricUnavailable(
                 f"rFID needs at least {self.min_images} images (the {FID_FEATURES}x{FID_FEATURES} feature "
                 f"covariance is singular below that), this evaluation has {n}")
-        return float(self.fid.compute())
+        fid, count = self.fid, n
+        means = [fid.real_features_sum / count, fid.fake_features_sum / count]
+        covs = [(fid.real_features_cov_sum - count * torch.outer(means[0], means[0])) / (count - 1),
+                (fid.fake_features_cov_sum - count * torch.outer(means[1], means[1])) / (count - 1)]
+        return frechet_distance(means[0], covs[0], means[1], covs[1])
