@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _start_group(env, device)
     try:
         result = evaluate(model, shards, options, device)
-    except ValueError as err:
+    except (FileNotFoundError, ValueError) as err:
         print(f"lasers-eval: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     finally:

@@ -8,6 +8,7 @@ on rank 0 over the records sorted by global image index, so they equal a one-pro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,8 +128,15 @@ def calibrate_quantizer(model: Autoencoder, slices, options: EvalOptions, image_
     for batch in batched(EvalImages(first, image_size=image_size, **stream_args), options.batch_size):
         codes = model.encode(batch.inputs.to(device), sparsity=options.sparsity)
         scale = torch.maximum(scale, codes.coeffs.abs().max().double())
-    scale = broadcast_(scale, src=0)
-    return CoefficientQuantizer(options.coeff_bits, float(scale) if scale > 0 else 1.0)
+    scale = float(broadcast_(scale, src=0))
+    return CoefficientQuantizer(options.coeff_bits, round_up_3_digits(scale) if scale > 0 else 1.0)
+
+
+def round_up_3_digits(value: float) -> float:
+    """The range as it would be stored with the codes: 3 significant digits, rounded up so that no calibration
+    coefficient saturates. It also absorbs float noise between runs with other thread counts or world sizes."""
+    unit = 10.0 ** (math.floor(math.log10(value)) - 2)
+    return math.ceil(value / unit * (1 - 1e-12)) * unit
 
 
 def _world() -> tuple[int, int]:

@@ -16,6 +16,7 @@ CPU than torchmetrics' general eigenvalue route and free of its complex round-of
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,6 +34,18 @@ class MetricUnavailable(RuntimeError):
     """A metric cannot be computed here; str(error) says why and what to do."""
 
 
+@contextmanager
+def _seeded(random_backbone: bool):
+    """Random backbones are drawn from a fixed seed (every process and rank gets the same network), without
+    disturbing the caller's random stream."""
+    if not random_backbone:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+
+
 class Lpips:
     """LPIPS with the AlexNet backbone: uint8 (B, 3, H, W) x 2 -> (B,) spatially averaged distances.
 
@@ -41,7 +54,8 @@ class Lpips:
 
     def __init__(self, device: torch.device, random_backbone: bool = False, net: str = "alex") -> None:
         try:
-            self.module = build_lpips(net, random_backbone=random_backbone).to(device)
+            with _seeded(random_backbone):
+                self.module = build_lpips(net, random_backbone=random_backbone).to(device)
         except FileNotFoundError as err:
             raise MetricUnavailable(str(err)) from err
         self.name = f"lpips-{net}" + (" (random backbone: NOT LPIPS, tests only)" if random_backbone else "")
@@ -112,7 +126,8 @@ class FidAccumulator:
             raise ValueError(f"min_images must be >= 2 (a covariance needs two samples), got {min_images}")
         if features not in (64, 192, 768, 2048):
             raise ValueError(f"Inception features must be 64, 192, 768 or 2048, got {features}")
-        inception = _inception(random_backbone, features)
+        with _seeded(random_backbone):
+            inception = _inception(random_backbone, features)
         self.fid = FrechetInceptionDistance(feature=inception, sync_on_compute=False).to(device)
         self.min_images = min_images
         self.name = f"inception-v3-compat {features}-d (torch-fidelity resize)" + (
