@@ -56,6 +56,7 @@ def test_compare_writes_table_plot_and_deltas(tmp_path: Path, capsys) -> None:
     assert len(result["rows"]) == 8 and set(result["curves"]) == {"DL-VAE", "VQ-VAE"}
     (delta,) = result["bjontegaard"]
     assert delta["anchor"] == "DL-VAE" and delta["curve"] == "VQ-VAE"
+    assert "unavailable" not in delta and "warning" not in delta
     assert delta["bd_psnr_db"] < 0 and delta["bd_rate_percent"] > 0  # VQ needs more bits for the same PSNR
     markdown = (out / "comparison.md").read_text()
     assert "| model | PSNR | SSIM | LPIPS | FLIP | rFID | perplexity | used | bits/pixel |" in markdown
@@ -65,6 +66,14 @@ def test_compare_writes_table_plot_and_deltas(tmp_path: Path, capsys) -> None:
         image.verify()
     # Grouped per model, each VQ run is a single point: no delta, but still a table and a plot.
     assert compare(list(evals.iterdir()), tmp_path / "per_model")["bjontegaard"] == []
+    # Curves that share PSNRs but no rates: BD-rate exists, BD-PSNR does not (and says why).
+    far = tmp_path / "far"
+    for s, rate in enumerate(rates, start=1):
+        _eval_folder(far, f"s{s}", "DL-VAE", "dl", rate * 10, 22 + 3 * math.log2(rate / 0.2))
+        _eval_folder(far, f"k{s}", "VQ-VAE", f"vq{s}", rate, 21 + 3.5 * math.log2(rate / 0.2))
+    (delta,) = compare([far], tmp_path / "far_out", group="kind")["bjontegaard"]
+    assert delta["bd_rate_percent"] is not None and delta["bd_psnr_db"] is None
+    assert "rate ranges do not overlap" in delta["unavailable"]["bd_psnr_db"]
 
 
 def test_compare_errors(tmp_path: Path, capsys) -> None:

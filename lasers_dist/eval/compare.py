@@ -119,6 +119,11 @@ def _rd(points: list[Point]) -> tuple[list[float], list[float]] | None:
     return [r for r, _ in pairs], [q for _, q in pairs]
 
 
+def _increasing(rates: list[float], psnrs: list[float]) -> bool:
+    ordered = [q for _, q in sorted(zip(rates, psnrs))]
+    return all(b > a for a, b in zip(ordered, ordered[1:]))
+
+
 def bjontegaard(curves: dict[str, list[Point]]) -> list[dict[str, Any]]:
     """BD-rate / BD-PSNR of every curve with >= 4 points against the first such curve (the anchor)."""
     usable = {name: rd for name, pts in curves.items() if (rd := _rd(pts)) is not None}
@@ -127,12 +132,15 @@ def bjontegaard(curves: dict[str, list[Point]]) -> list[dict[str, Any]]:
     anchor, (rate_a, psnr_a) = next(iter(usable.items()))
     out = []
     for name, (rate_b, psnr_b) in list(usable.items())[1:]:
-        entry: dict[str, Any] = {"anchor": anchor, "curve": name}
-        try:
-            entry["bd_rate_percent"] = bd_rate(rate_a, psnr_a, rate_b, psnr_b)
-            entry["bd_psnr_db"] = bd_psnr(rate_a, psnr_a, rate_b, psnr_b)
-        except ValueError as err:
-            entry["error"] = str(err)
+        entry: dict[str, Any] = {"anchor": anchor, "curve": name, "bd_rate_percent": None, "bd_psnr_db": None}
+        if not (_increasing(rate_a, psnr_a) and _increasing(rate_b, psnr_b)):
+            entry["warning"] = "a curve's PSNR does not rise with its rate: the cubic fits, so the deltas, are unreliable"
+        # Each delta needs its own overlap: BD-rate of the PSNR ranges, BD-PSNR of the rate ranges.
+        for key, delta, over in (("bd_rate_percent", bd_rate, "PSNR"), ("bd_psnr_db", bd_psnr, "rate")):
+            try:
+                entry[key] = delta(rate_a, psnr_a, rate_b, psnr_b)
+            except ValueError:
+                entry.setdefault("unavailable", {})[key] = f"the two curves' {over} ranges do not overlap"
         out.append(entry)
     return out
 
@@ -182,11 +190,10 @@ def compare(paths: list[str | Path], out_dir: str | Path, group: str = "model") 
     (out / "comparison.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     lines = ["# Comparison", "", table, ""]
     for d in deltas:
-        if "error" in d:
-            lines.append(f"- {d['curve']} vs {d['anchor']}: no Bjøntegaard delta ({d['error']})")
-        else:
-            lines.append(f"- {d['curve']} vs {d['anchor']}: BD-rate {d['bd_rate_percent']:+.1f} %, "
-                         f"BD-PSNR {d['bd_psnr_db']:+.2f} dB")
+        rate = "n/a" if d["bd_rate_percent"] is None else f"{d['bd_rate_percent']:+.1f} %"
+        psnr = "n/a" if d["bd_psnr_db"] is None else f"{d['bd_psnr_db']:+.2f} dB"
+        why = "; ".join([*d.get("unavailable", {}).values(), *([d["warning"]] if "warning" in d else [])])
+        lines.append(f"- {d['curve']} vs {d['anchor']}: BD-rate {rate}, BD-PSNR {psnr}" + (f" ({why})" if why else ""))
     lines += ["", f"![rate-distortion]({figure.name})", ""]
     (out / "comparison.md").write_text("\n".join(lines))
     result["markdown"] = "\n".join(lines)
