@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lasers_dist.bottleneck.usage import all_reduce_sum_
-from lasers_dist.losses.reconstruction import build_lpips
+from lasers_dist.losses.reconstruction import backbone_weights_path, build_lpips
 
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 FID_FEATURES = 2048
@@ -53,11 +53,14 @@ class Lpips:
     """
 
     def __init__(self, device: torch.device, random_backbone: bool = False, net: str = "alex") -> None:
-        try:
-            with _seeded(random_backbone):
-                self.module = build_lpips(net, random_backbone=random_backbone).to(device)
-        except FileNotFoundError as err:
-            raise MetricUnavailable(str(err)) from err
+        path = backbone_weights_path(net)
+        if not random_backbone and not path.is_file():
+            raise MetricUnavailable(
+                f"LPIPS ({net}) needs the torchvision ImageNet weights file {path.name} in the folder {path.parent} "
+                "(torch.hub.get_dir()/checkpoints, set by $TORCH_HOME), and it is missing: copy it there from a "
+                "machine with network access (torchvision downloads it on first use)")
+        with _seeded(random_backbone):
+            self.module = build_lpips(net, random_backbone=random_backbone).to(device)
         self.name = f"lpips-{net}" + (" (random backbone: NOT LPIPS, tests only)" if random_backbone else "")
 
     @torch.no_grad()
