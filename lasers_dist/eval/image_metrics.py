@@ -82,10 +82,13 @@ def _ssim_and_cs(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return ssim.flatten(2).mean(2), cs.flatten(2).mean(2)
 
 
+SSIM_CHUNK = 4  # images per float64 pass: bounds the temporaries (~2 GB for 16 images at 512^2 otherwise)
+
+
 def ssim_per_image(reconstructions: Tensor, targets: Tensor) -> Tensor:
     """uint8 (B, C, H, W) x 2 -> (B,) float64 SSIM (Wang et al., border cropped; see the module docstring)."""
-    ssim, _ = _ssim_and_cs(uint8_to_unit(reconstructions), uint8_to_unit(targets))
-    return ssim.mean(1)
+    return torch.cat([_ssim_and_cs(uint8_to_unit(r), uint8_to_unit(t))[0].mean(1)
+                      for r, t in zip(reconstructions.split(SSIM_CHUNK), targets.split(SSIM_CHUNK))])
 
 
 def ms_ssim_available(height: int, width: int) -> bool:
@@ -99,6 +102,9 @@ def ms_ssim_per_image(reconstructions: Tensor, targets: Tensor) -> Tensor:
     """
     if not ms_ssim_available(*reconstructions.shape[-2:]):
         raise ValueError(f"MS-SSIM needs both image sides > {MS_SSIM_MIN_SIDE} px, got {tuple(reconstructions.shape[-2:])}")
+    if reconstructions.shape[0] > SSIM_CHUNK:
+        return torch.cat([ms_ssim_per_image(r, t) for r, t in zip(reconstructions.split(SSIM_CHUNK),
+                                                                  targets.split(SSIM_CHUNK))])
     x, y = uint8_to_unit(reconstructions), uint8_to_unit(targets)
     terms = []
     for scale in range(len(MS_SSIM_WEIGHTS)):
