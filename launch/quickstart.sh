@@ -30,3 +30,7 @@ echo "[quickstart] training: $nproc processes, config configs/quickstart_cpu.yam
 
 echo "[quickstart] result"
 "$py" -m lasers_dist.cli.summary "$run"
+
+echo "[quickstart] evaluation of the final checkpoint on the val shards (lasers-eval)"
+"$py" -m lasers_dist.cli.eval "$run" --shards "$data/val-*.tar" --out "$run/eval" --no-progress
+echo "[quickstart] the report with every picture: $run/eval/report.md"

@@ -231,11 +231,18 @@ class DictionaryBottleneck(nn.Module):
         return dead.sum()
 
     @torch.no_grad()
-    def codes(self, z_e: Tensor) -> tuple[Tensor, Tensor]:
-        """z_e (B, L, H, W) -> indices (B, S, H', W') int64, coeffs (B, S, H', W') fp32. No state change."""
+    def codes(self, z_e: Tensor, sparsity: int | None = None) -> tuple[Tensor, Tensor]:
+        """z_e (B, L, H, W) -> indices (B, S, H', W') int64, coeffs (B, S, H', W') fp32. No state change.
+
+        sparsity: code with this many atoms instead of the trained S (evaluation: one model, several rates).
+        """
         grid = self._check_latents(z_e)
+        sparsity = self.sparsity if sparsity is None else sparsity
+        if not 1 <= sparsity <= min(self.num_atoms, self.code_dim):
+            raise ValueError(f"sparsity must be in [1, min(num_atoms={self.num_atoms}, code_dim={self.code_dim})], "
+                             f"got {sparsity}")
         signals = to_signals(z_e, self.patch_size).float()
-        codes = batch_omp(signals, self.unit_atoms(), self.sparsity, backend=self.omp_backend)
+        codes = batch_omp(signals, self.unit_atoms(), sparsity, backend=self.omp_backend)
         return codes_to_grid(codes.indices, z_e.shape[0], grid), codes_to_grid(codes.coeffs, z_e.shape[0], grid)
 
     def from_codes(self, indices: Tensor, coeffs: Tensor) -> Tensor:

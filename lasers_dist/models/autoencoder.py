@@ -77,11 +77,25 @@ class Autoencoder(nn.Module):
         z_q, loss, info = self.bottleneck(latents)
         return AutoencoderOutput(self.decoder(z_q), loss, info, latents)
 
-    def encode(self, images: Tensor) -> LatentCodes:
-        """images (B, C, H, W) -> LatentCodes. Changes no bottleneck state (no EMA / usage update)."""
+    def encode(self, images: Tensor, sparsity: int | None = None) -> LatentCodes:
+        """images (B, C, H, W) -> LatentCodes. Changes no bottleneck state (no EMA / usage update).
+
+        sparsity (dictionary bottleneck only): atoms per coded signal, instead of the trained S.
+        """
+        return self.codes_of_latents(self.latents(images), sparsity)
+
+    def latents(self, images: Tensor) -> Tensor:
+        """images (B, C, H, W) -> z_e (B, L, H/f, W/f), the encoder output before coding."""
         self._check_images(images)
-        indices, coeffs = self.bottleneck.codes(self.encoder(images))
-        return LatentCodes(indices, coeffs)
+        return self.encoder(images)
+
+    def codes_of_latents(self, latents: Tensor, sparsity: int | None = None) -> LatentCodes:
+        """z_e (B, L, H/f, W/f) -> LatentCodes (see encode)."""
+        if sparsity is None:
+            return LatentCodes(*self.bottleneck.codes(latents))
+        if not isinstance(self.bottleneck, DictionaryBottleneck):
+            raise ValueError("sparsity can be chosen only for a dictionary bottleneck (VQ codes one vector per latent)")
+        return LatentCodes(*self.bottleneck.codes(latents, sparsity=sparsity))
 
     def decode(self, codes: LatentCodes) -> Tensor:
         """LatentCodes -> reconstructions (B, C, H, W), as forward() would give for the coded images."""
