@@ -104,3 +104,34 @@ class ShardServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(10)
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
+    """A real tar shard with the given samples (key, {extension: bytes}), members in the given order."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def encode_image(img, fmt: str, **options) -> bytes:
+    """Pillow image -> file bytes in `fmt` ("PNG", "JPEG", ...)."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def cut_before_sample(shard: str, index: int, into_data: bool = False) -> None:
+    """Truncate a shard so that exactly `index` samples stay complete: at the header of sample `index`'s first
+    member (tarfile then sees a short but valid-looking archive), or `into_data` 100 bytes into its data (a read
+    error; the sample before it is then incomplete as far as a reader can tell)."""
+    with tarfile.open(shard) as tf:
+        members = tf.getmembers()
+    keys = list(dict.fromkeys(m.name.split(".")[0] for m in members))
+    first = next(m for m in members if m.name.split(".")[0] == keys[index])
+    cut = first.offset_data + min(100, first.size - 1) if into_data else first.offset
+    path = Path(shard)
+    path.write_bytes(path.read_bytes()[:cut])

@@ -25,6 +25,7 @@ from .remote import DEFAULT_TIMEOUT_S, NotFound, is_local, local_path, manifest_
 from .shards import ShardReadError, iter_samples, manifest_counts, read_manifest
 
 MANIFEST_VERSION = 1
+_BLOCK = 512  # tar block; a complete archive ends with zero blocks (its end-of-archive marker)
 
 
 class CountWarning(UserWarning):
@@ -49,11 +50,12 @@ class _CountingReader:
     the owner (`really_close`), which first reads the padding after the tar's end marker into the hash."""
 
     def __init__(self, stream: IO[bytes], digest: "hashlib._Hash | None"):
-        self.stream, self.digest, self.num_bytes = stream, digest, 0
+        self.stream, self.digest, self.num_bytes, self.tail = stream, digest, 0, b""
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
         self.num_bytes += len(data)
+        self.tail = data[-_BLOCK:] if len(data) >= _BLOCK else (self.tail + data)[-_BLOCK:]
         if self.digest is not None:
             self.digest.update(data)
         return data
@@ -83,6 +85,9 @@ def read_shard(url: str, sha256: bool = False, timeout: float = DEFAULT_TIMEOUT_
             info.num_samples += 1
         while reader[0].read(1 << 20):  # the padding after the end marker belongs to the file's size and hash
             pass
+        if reader[0].tail.strip(b"\0"):
+            # tarfile takes a file cut at a member boundary for a complete one; the missing end marker tells.
+            info.error = f"no end-of-archive marker after {info.num_samples} samples: the file is truncated"
     except ShardReadError as e:
         info.num_samples, info.error = e.samples_read, e.cause
     except OSError as e:

@@ -75,17 +75,20 @@ def _open_http(url: str, timeout: float, retries: int) -> IO[bytes]:
 
 
 def read_bytes(url: str, timeout: float = DEFAULT_TIMEOUT_S) -> bytes:
-    """The whole content of a (small) file at `url`. A `pipe:` command that fails counts as NotFound."""
-    stream = open_url(url, timeout)
+    """The whole content of a (small) file at `url`. A `pipe:` command that fails counts as NotFound (its exit
+    status cannot tell a missing object from other trouble)."""
     try:
-        data = stream.read()
-    finally:
+        stream = open_url(url, timeout)
         try:
-            stream.close()
-        except OSError as err:  # webdataset's Pipe raises here when the command exited non-zero
-            if url.startswith("pipe:"):
-                raise NotFound(f"{url}: {err}") from None
-            raise
+            data = stream.read()
+        finally:
+            stream.close()  # webdataset's Pipe raises here (or in read) when the command exited non-zero
+    except NotFound:
+        raise
+    except OSError as err:
+        if url.startswith("pipe:"):
+            raise NotFound(f"{url}: {err}") from None
+        raise
     if url.startswith("pipe:") and not data:
         raise NotFound(f"{url}: the command printed nothing")
     return data
