@@ -9,7 +9,6 @@ import os
 import resource
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch

@@ -22,17 +22,17 @@ from .pixels import SHARD_IMAGE_EXTENSIONS, open_rgb
 _EXIF_ORIENTATION = 0x0112
 
 
-def _find_jpeg_decoder() -> tuple[str, Callable[[bytes], np.ndarray] | None]:
-    """The fastest JPEG decoder installed: TorchCodec (torchcodec >= 0.16, the replacement torchvision 0.29
-    names for its deprecated image decoders), else torchvision.io.decode_jpeg while it exists, else Pillow
-    (None here). All three run libjpeg-turbo; Pillow adds ~15% per 1024^2 image (see `lasers-bench data`)."""
+def jpeg_decoders() -> dict[str, Callable[[bytes], np.ndarray]]:
+    """The fast JPEG decoders installed, preferred first: bytes -> (H, W, 3) uint8 RGB. TorchCodec
+    (torchcodec >= 0.16, the replacement torchvision 0.29 names for its deprecated image decoders), then
+    torchvision.io.decode_jpeg while it exists. Without either, Pillow decodes (about 15% slower per 1024^2 image;
+    all three run libjpeg-turbo, see `lasers-bench data`)."""
+    found: dict[str, Callable[[bytes], np.ndarray]] = {}
     try:
         from torchcodec.decoders import decode_jpeg as codec_decode
 
-        def decode(data: bytes) -> np.ndarray:
-            return codec_decode(data, mode="RGB").permute(1, 2, 0).numpy()  # (3, H, W) view of H x W x 3 memory
-
-        return "torchcodec", decode
+        # (3, H, W) results are views of H x W x 3 memory: the permute costs nothing
+        found["torchcodec"] = lambda data: codec_decode(data, mode="RGB").permute(1, 2, 0).numpy()
     except Exception:  # noqa: BLE001 - not installed, or its native library does not load with this torch
         pass
     try:
@@ -41,18 +41,21 @@ def _find_jpeg_decoder() -> tuple[str, Callable[[bytes], np.ndarray] | None]:
             from torchvision.io import ImageReadMode
             from torchvision.io import decode_jpeg as vision_decode
 
-        def decode(data: bytes) -> np.ndarray:
+        def vision(data: bytes) -> np.ndarray:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 chw = vision_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
             return chw.permute(1, 2, 0).numpy()
 
-        return "torchvision", decode
+        found["torchvision"] = vision
     except ImportError:
-        return "pillow", None
+        pass
+    return found
 
 
-JPEG_DECODER, _decode_jpeg = _find_jpeg_decoder()
+_FAST_DECODERS = jpeg_decoders()
+JPEG_DECODER = next(iter(_FAST_DECODERS), "pillow")  # the one the stream uses
+_decode_jpeg = _FAST_DECODERS.get(JPEG_DECODER)
 
 
 def _decode(data: bytes, ext: str, draft_size: int | None) -> np.ndarray:

@@ -130,34 +130,13 @@ def _time_stream(shards: str, size: int, batch_size: int, workers: int, images: 
 
 def _jpeg_decoders() -> dict:
     """Every JPEG decoder that imports here: name -> bytes -> (H, W, 3) uint8."""
-    decoders = {}
+    from .augment import jpeg_decoders
 
     def pillow(data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             return np.asarray(img.convert("RGB"))
 
-    decoders["pillow"] = pillow
-    try:
-        from torchcodec.decoders import decode_jpeg as codec
-
-        decoders["torchcodec"] = lambda data: codec(data, mode="RGB").permute(1, 2, 0).numpy()
-    except Exception:  # noqa: BLE001 - not installed or not loadable with this torch
-        pass
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from torchvision.io import ImageReadMode, decode_jpeg
-
-        def vision(data: bytes) -> np.ndarray:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                   mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
-
-        decoders["torchvision"] = vision
-    except ImportError:
-        pass
-    return decoders
+    return {"pillow": pillow, **jpeg_decoders()}
 
 
 def _time_decoders(items: list[Item], quality: int, images: int) -> list[dict]:
