@@ -115,3 +115,21 @@ def test_member_grouping_follows_webdataset(tmp_path):
 
     assert list(iter_samples(str(path))) == [("dir/a", {"b.png": b"1", "b.cls": b"2"}), ("dir/c", {"png": b"3"})]
     assert split_prefix("mixed-000000.tar") == "mixed" and split_prefix("shard7.tar") == "shard"
+
+
+def test_shard_lists_are_looked_up_on_rank_0_and_its_error_is_raised_everywhere(tmp_path):
+    from lasers_dist.data import shared_shard_lists
+
+    paths = foreign_shards(tmp_path, 2, 3)
+    specs = {"train": (str(tmp_path / "train-*.tar"), ""), "val": ("", "")}
+    sent = []
+    with pytest.warns(CountWarning):
+        found = shared_shard_lists(specs, rank=0, broadcast=lambda obj: sent.append(obj) or obj)
+    assert found == {"train": (paths, [3, 3])} and sent == [found]
+    # Other ranks look nothing up (this pattern matches nothing): they take what rank 0 sends.
+    assert shared_shard_lists({"train": (str(tmp_path / "none-*.tar"), "")}, rank=1,
+                              broadcast=lambda obj: sent[0]) == found
+    with pytest.raises(FileNotFoundError, match="no shard matches"):
+        shared_shard_lists({"train": (str(tmp_path / "none-*.tar"), "")}, rank=0, broadcast=sent.append)
+    with pytest.raises(RuntimeError, match="rank 1: rank 0 could not list the shards .*no shard matches"):
+        shared_shard_lists({"train": (str(tmp_path / "none-*.tar"), "")}, rank=1, broadcast=lambda obj: sent[-1])

@@ -19,10 +19,10 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO, Iterable
+from typing import IO, Callable, Iterable
 
 from .remote import DEFAULT_TIMEOUT_S, NotFound, is_local, local_path, manifest_url, open_url, shard_name
-from .shards import ShardReadError, iter_samples, manifest_counts, read_manifest
+from .shards import ShardReadError, expand_urls, iter_samples, manifest_counts, read_manifest
 
 MANIFEST_VERSION = 1
 _BLOCK = 512  # tar block; a complete archive ends with zero blocks (its end-of-archive marker)
@@ -200,6 +200,30 @@ def _count_warning(found: ShardCounts, total: int, pattern: str | None) -> str:
         shown = "; ".join(f"{shard_name(u)}: {why}" for u, why in list(found.damaged.items())[:3])
         text += f". {len(found.damaged)} shard(s) are damaged or unreadable ({shown})"
     return text
+
+
+def shared_shard_lists(specs: dict[str, tuple[str, str]], *, rank: int, broadcast: Callable[[object], object],
+                       timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, tuple[list[str], list[int]]]:
+    """{name: (shard URLs, samples per shard)} for each {name: (pattern, manifest or "")} with a pattern, looked up
+    on rank 0 only and handed to every rank by `broadcast` (rank 0's object on every rank; a collective, so
+    every rank calls this). No other rank, and nothing later in the job, reads a shard just to count it. An error
+    on rank 0 is raised on every rank, instead of leaving the others waiting in the broadcast."""
+    found: dict | str = {}
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            for name, (pattern, manifest) in specs.items():
+                if pattern:
+                    urls = expand_urls(pattern, timeout)
+                    found[name] = (urls, lookup_counts(urls, manifest or None, timeout=timeout, pattern=pattern).counts)
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it
+            error, found = err, f"{type(err).__name__}: {err}"
+    found = broadcast(found)
+    if error is not None:
+        raise error
+    if isinstance(found, str):
+        raise RuntimeError(f"rank {rank}: rank 0 could not list the shards and their sample counts: {found}")
+    return found
 
 
 def sample_counts(urls: list[str], manifest: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> list[int]:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lasers_dist.bottleneck import perplexity
 from lasers_dist.config import Config, save_config
-from lasers_dist.data import ShardStream, expand_urls, lookup_counts
+from lasers_dist.data import ShardStream, expand_urls, shared_shard_lists
 from lasers_dist.losses import ReconstructionLoss
 from lasers_dist.models import build_autoencoder, build_discriminator
 from lasers_dist.train import checkpoint as ckpt
@@ -77,29 +77,11 @@ def _stream_args(cfg: Config, world_size: int) -> dict:
 
 
 def shard_lists(cfg: Config, env: DistEnv) -> dict[str, tuple[list[str], list[int]]]:
-    """{"train": (shard URLs, samples per shard), "val": ...}, looked up once per job: rank 0 expands the patterns
-    and reads the manifests (or, for shards no manifest lists, reads them once to count, with a warning) and
-    broadcasts, so no other rank and no validation pass reads a shard just to count it. An error on rank 0 is
-    raised on every rank."""
+    """{"train": (shard URLs, samples per shard), "val": ...}: rank 0 looks them up once per job and broadcasts
+    (see `lasers_dist.data.index.shared_shard_lists`); a collective."""
     d = cfg.data
-    found: dict | str = {}
-    error: Exception | None = None
-    if env.is_main:
-        try:
-            for split, pattern, manifest in (("train", d.train_shards, d.train_manifest),
-                                             ("val", d.val_shards, d.val_manifest)):
-                if pattern:
-                    urls = expand_urls(pattern, d.io_timeout_s)
-                    counts = lookup_counts(urls, manifest or None, timeout=d.io_timeout_s, pattern=pattern).counts
-                    found[split] = (urls, counts)
-        except Exception as err:  # noqa: BLE001 - every rank must hear of it, not wait in the broadcast
-            error, found = err, f"{type(err).__name__}: {err}"
-    found = D.broadcast_object(found)
-    if error is not None:
-        raise error
-    if isinstance(found, str):
-        raise RuntimeError(f"rank {env.rank}: rank 0 could not list the shards and their sample counts: {found}")
-    return found
+    return shared_shard_lists({"train": (d.train_shards, d.train_manifest), "val": (d.val_shards, d.val_manifest)},
+                              rank=env.rank, broadcast=D.broadcast_object, timeout=d.io_timeout_s)
 
 
 def build_train_stream(cfg: Config, env: DistEnv,
