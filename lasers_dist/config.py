@@ -28,8 +28,13 @@ def _choice(default: str, *choices: str) -> Any:
 
 @dataclass
 class DataConfig:
-    train_shards: str = ""  # brace pattern or glob, e.g. data/photos/train-{000000..000007}.tar
+    train_shards: str = ""  # brace pattern or glob, e.g. data/photos/train-{000000..000007}.tar, or URLs
     val_shards: str = ""
+    # Sample counts per shard: "" looks for {split}.json beside the shards (through the same opener for URLs);
+    # without one, rank 0 reads the shards once per job to count them. `lasers-shard index PATTERN` writes one.
+    train_manifest: str = ""
+    val_manifest: str = ""
+    io_timeout_s: float = 60.0  # a remote shard open or read waiting longer counts as failed
     image_size: int = 256
     mode: str = _choice("resampled", "resampled", "split")
     batches_per_epoch: int = 1000  # per rank; the epoch length in resampled mode
@@ -258,6 +263,7 @@ def _check_ranges(cfg: Config) -> None:
         "data.image_size": cfg.data.image_size, "data.sr_factor": cfg.data.sr_factor,
         "optim.grad_accum_steps": cfg.optim.grad_accum_steps, "train.batch_size": cfg.train.batch_size,
         "train.collective_timeout_s": cfg.train.collective_timeout_s,
+        "data.io_timeout_s": cfg.data.io_timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -331,5 +337,9 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
             )
         if d.val_shards:
             _check_shards("data.val_shards", d.val_shards)
+        for key, manifest in (("data.train_manifest", d.train_manifest), ("data.val_manifest", d.val_manifest)):
+            if manifest and "://" not in manifest and not manifest.startswith("pipe:") and not Path(manifest).is_file():
+                raise ConfigError(f"config key '{key}': manifest {manifest} does not exist; write one with "
+                                  f"`lasers-shard index PATTERN --out {manifest}` or leave the key empty")
         if cfg.deepspeed.config_file and not Path(cfg.deepspeed.config_file).is_file():
             raise ConfigError(f"config key 'deepspeed.config_file': {cfg.deepspeed.config_file} does not exist")

@@ -50,3 +50,88 @@ def truncate(shard: str, fraction: float = 0.5) -> None:
     path = Path(shard)
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * fraction)])
+
+
+class ShardServer:
+    """A real `http.server` on 127.0.0.1 serving a folder, counting GET requests per path.
+
+    `stall` holds paths for which the server accepts the request and then sends nothing until it stops (a
+    server that does not answer). Use as a context manager; `url(name)` is the address of a file.
+    """
+
+    def __init__(self, root: Path, stall: tuple[str, ...] = ()):
+        import http.server
+        import threading
+        from collections import Counter
+
+        self.root, self.stall, self.gets = Path(root), set(stall), Counter()
+        self.stopping = threading.Event()
+        lock, server = threading.Lock(), self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(server.root), **kwargs)
+
+            def do_GET(self):
+                path = self.path.split("?", 1)[0].lstrip("/")
+                with lock:
+                    server.gets[path] += 1
+                if path in server.stall:
+                    server.stopping.wait(60)
+                    return
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def url(self, name: str = "") -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+
+    def shard_gets(self, prefix: str = "") -> dict[str, int]:
+        """GETs per shard file (names starting with `prefix` and ending in .tar)."""
+        return {p: n for p, n in self.gets.items() if p.startswith(prefix) and p.endswith(".tar")}
+
+    def __enter__(self) -> "ShardServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
+    """A real tar shard with the given samples (key, {extension: bytes}), members in the given order."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def encode_image(img, fmt: str, **options) -> bytes:
+    """Pillow image -> file bytes in `fmt` ("PNG", "JPEG", ...)."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def cut_before_sample(shard: str, index: int, into_data: bool = False) -> None:
+    """Truncate a shard so that exactly `index` samples stay complete: at the header of sample `index`'s first
+    member (tarfile then sees a short but valid-looking archive), or `into_data` 100 bytes into its data (a read
+    error; the sample before it is then incomplete as far as a reader can tell)."""
+    with tarfile.open(shard) as tf:
+        members = tf.getmembers()
+    keys = list(dict.fromkeys(m.name.split(".")[0] for m in members))
+    first = next(m for m in members if m.name.split(".")[0] == keys[index])
+    cut = first.offset_data + min(100, first.size - 1) if into_data else first.offset
+    path = Path(shard)
+    path.write_bytes(path.read_bytes()[:cut])

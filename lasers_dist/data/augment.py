@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,30 +19,56 @@ from PIL import Image
 
 from .pixels import SHARD_IMAGE_EXTENSIONS, open_rgb
 
-try:  # torchvision 0.29 deprecates its image decoders; Pillow takes over when they are gone
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:  # pragma: no cover - depends on the installed torchvision
-    decode_jpeg = None
+_EXIF_ORIENTATION = 0x0112
 
 
-def _decode_jpeg_hwc(data: bytes) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        chw = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                          apply_exif_orientation=True)
-    return chw.permute(1, 2, 0).numpy()  # the (3, H, W) result is a view of H x W x 3 memory
+def jpeg_decoders() -> dict[str, Callable[[bytes], np.ndarray]]:
+    """The fast JPEG decoders installed, preferred first: bytes -> (H, W, 3) uint8 RGB. TorchCodec
+    (torchcodec >= 0.16, the replacement torchvision 0.29 names for its deprecated image decoders), then
+    torchvision.io.decode_jpeg while it exists. Without either, Pillow decodes (about 15% slower per 1024^2 image;
+    all three run libjpeg-turbo, see `lasers-bench data`)."""
+    found: dict[str, Callable[[bytes], np.ndarray]] = {}
+    try:
+        from torchcodec.decoders import decode_jpeg as codec_decode
+
+        # (3, H, W) results are views of H x W x 3 memory: the permute costs nothing
+        found["torchcodec"] = lambda data: codec_decode(data, mode="RGB").permute(1, 2, 0).numpy()
+    except Exception:  # noqa: BLE001 - not installed, or its native library does not load with this torch
+        pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode
+            from torchvision.io import decode_jpeg as vision_decode
+
+        def vision(data: bytes) -> np.ndarray:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                chw = vision_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return chw.permute(1, 2, 0).numpy()
+
+        found["torchvision"] = vision
+    except ImportError:
+        pass
+    return found
+
+
+_FAST_DECODERS = jpeg_decoders()
+JPEG_DECODER = next(iter(_FAST_DECODERS), "pillow")  # the one the stream uses
+_decode_jpeg = _FAST_DECODERS.get(JPEG_DECODER)
 
 
 def _decode(data: bytes, ext: str, draft_size: int | None) -> np.ndarray:
     if not data:
         raise ValueError("zero-byte image")
-    if ext in ("jpg", "jpeg") and decode_jpeg is not None:
+    if ext in ("jpg", "jpeg") and _decode_jpeg is not None:
         with Image.open(io.BytesIO(data)) as header:  # reads the header only
             (w, h), fmt, mode = header.size, header.format, header.mode
-        # libjpeg-turbo through torchvision decodes ~35% faster than Pillow; Pillow's draft mode (decoding
-        # at 1/2, 1/4, 1/8 scale) wins when the image is much larger than needed.
-        if fmt == "JPEG" and mode in ("RGB", "L") and not (draft_size and min(w, h) >= 2 * draft_size):
-            return _decode_jpeg_hwc(data)
+            upright = fmt == "JPEG" and header.getexif().get(_EXIF_ORIENTATION, 1) == 1
+        # Pillow's draft mode (decoding at 1/2, 1/4, 1/8 scale) wins when the image is much larger than needed;
+        # rotated (EXIF), CMYK and other odd JPEGs go through Pillow, which turns them upright 8-bit RGB.
+        if upright and mode in ("RGB", "L") and not (draft_size and min(w, h) >= 2 * draft_size):
+            return _decode_jpeg(data)
     img, _ = open_rgb(data, draft_size=draft_size)
     return np.asarray(img)
 

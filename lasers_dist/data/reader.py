@@ -12,14 +12,15 @@ from __future__ import annotations
 from collections import defaultdict
 
 from .order import Ref, SampleOrder
+from .remote import DEFAULT_TIMEOUT_S, shard_name
 from .shards import Sample, ShardReadError, iter_samples
 
 
 class SampleFetcher:
     """`fetch(ref)` -> (key, {ext: bytes}), or None when the sample is lost (damaged or short shard)."""
 
-    def __init__(self, urls: list[str], order: SampleOrder):
-        self.urls, self.order = urls, order
+    def __init__(self, urls: list[str], order: SampleOrder, timeout: float = DEFAULT_TIMEOUT_S):
+        self.urls, self.order, self.timeout = urls, order, timeout
         # Everything from here on is needed, plus what sits in the order's buffer at this moment.
         self.frontier = order.pushed
         self.resume_positions: dict[int, set[int]] = defaultdict(set)
@@ -29,7 +30,11 @@ class SampleFetcher:
         self.segment, self.pos = 0, 0  # next sample to read
         self.samples = None  # iterator over the open segment
         self.last_needed = -1
-        self.damaged_shards = 0  # shard reads that ended early
+        self.damage: list[tuple[str, str]] = []  # (shard name, what happened) for each read that ended early
+
+    @property
+    def damaged_shards(self) -> int:
+        return len(self.damage)
 
     def _needed(self, segment: int, pos: int) -> bool:
         return self.order.segments[segment][1] + pos >= self.frontier or pos in self.resume_positions.get(segment, ())
@@ -54,11 +59,14 @@ class SampleFetcher:
                 self._next_segment()
                 return
             shard_id = self.order.segments[self.segment][0]
-            self.samples = iter_samples(self.urls[shard_id], stop_after=self.last_needed + 1)
+            self.samples = iter_samples(self.urls[shard_id], stop_after=self.last_needed + 1, timeout=self.timeout)
         try:
             sample = next(self.samples)
-        except (StopIteration, ShardReadError):
-            self.damaged_shards += 1  # the shard held fewer samples than its manifest says
+        except (StopIteration, ShardReadError) as end:  # the shard held fewer samples than its manifest says
+            shard_id = self.order.segments[self.segment][0]
+            why = end.cause if isinstance(end, ShardReadError) else \
+                f"ended after {self.pos} of {self.order.counts[shard_id]} samples"
+            self.damage.append((shard_name(self.urls[shard_id]), why))
             self._next_segment()
             return
         if self._needed(self.segment, self.pos):

@@ -1,9 +1,14 @@
-"""Finding shards, their sample counts, and reading samples out of a tar stream.
+"""Finding shards, reading manifests, and reading samples out of a tar stream.
 
 A shard list can be given as a brace pattern (`train-{000000..000127}.tar`), a glob (`data/photos/train-*.tar`),
-a manifest path (`data/photos/train.json`), a single URL, or a list of any of these. Sample counts come from the
-manifest that `lasers-shard` writes beside the shards (`{split}.json`); shards without one are counted by
-reading their tar headers once.
+a manifest (`data/photos/train.json`, or its URL: the shards it lists, beside it), a single URL, or a list of
+any of these. URLs may be local paths, `http(s)://`, `pipe:` commands or any other scheme WebDataset opens
+(see `remote.py`). Sample counts per shard come from manifests (see `index.py`).
+
+The members of a tar are iterated by WebDataset's own `tar_file_iterator`; grouping them into samples follows
+WebDataset's convention (key = path up to the first dot of the file name, consecutive members with the same key
+form one sample) and is done here, because the stream must know exactly how many samples a damaged shard gave
+before the damage.
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ import glob
 import json
 import os
 import tarfile
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 from braceexpand import braceexpand
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+from .remote import DEFAULT_TIMEOUT_S, NotFound, is_local, local_path, open_url, read_bytes
 
 Sample = tuple[str, dict[str, bytes]]  # (key, {extension: bytes})
 
@@ -23,29 +31,22 @@ class ShardReadError(Exception):
     """A shard ended early or could not be opened; `samples_read` complete samples came before the damage."""
 
     def __init__(self, url: str, samples_read: int, cause: BaseException | str):
+        cause = str(cause).split(" @ <", 1)[0]  # WebDataset appends the file object's repr to its errors
         super().__init__(f"{url}: damaged after {samples_read} samples ({cause})")
-        self.url, self.samples_read = url, samples_read
+        self.url, self.samples_read, self.cause = url, samples_read, cause
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
-
-
-def _local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
-
-
-def expand_urls(urls: str | os.PathLike | list) -> list[str]:
-    """Expand brace patterns, globs and manifest paths into a flat list of shard URLs (order kept)."""
+def expand_urls(urls: str | os.PathLike | list, timeout: float = DEFAULT_TIMEOUT_S) -> list[str]:
+    """Expand brace patterns, globs and manifests into a flat list of shard URLs (order kept)."""
     items = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
     out: list[str] = []
     for item in items:
         for url in braceexpand(str(item)):
-            if url.endswith(".json") and _is_local(url):
-                manifest = _read_manifest(url)
-                base = os.path.dirname(url)
-                out += [os.path.join(base, s["name"]) for s in manifest["shards"]]
-            elif _is_local(url) and any(c in url for c in "*?["):
+            if url.endswith(".json"):
+                manifest = read_manifest(url, timeout)
+                base = url.rsplit("/", 1)[0] + "/" if "/" in url else ""
+                out += [base + s["name"] for s in manifest["shards"]]
+            elif is_local(url) and glob.has_magic(url):
                 matches = sorted(glob.glob(url))
                 if not matches:
                     raise FileNotFoundError(f"no shard matches {url!r}; run lasers-shard first or fix the path")
@@ -55,102 +56,77 @@ def expand_urls(urls: str | os.PathLike | list) -> list[str]:
     if not out:
         raise ValueError(f"no shards given ({urls!r})")
     for url in out:
-        if _is_local(url) and not os.path.exists(_local_path(url)):
+        if is_local(url) and not os.path.exists(local_path(url)):
             raise FileNotFoundError(f"shard {url!r} does not exist; run lasers-shard first or fix the path")
     return out
 
 
-def _read_manifest(path: str) -> dict:
+def read_manifest(url: str, timeout: float = DEFAULT_TIMEOUT_S) -> dict:
+    """A manifest written by `lasers-shard` or `lasers-shard index`, from a path or any URL.
+
+    Raises NotFound when there is none, ValueError when the file is not a manifest."""
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"manifest {path!r} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"manifest {path!r} is not valid JSON: {e}") from e
-    if "shards" not in manifest:
-        raise ValueError(f"{path!r} is not a lasers-shard manifest (no 'shards' list)")
+        text = read_bytes(url, timeout)
+    except NotFound:
+        raise NotFound(f"manifest {url!r} does not exist") from None
+    try:
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"manifest {url!r} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise ValueError(f"{url!r} is not a lasers-shard manifest (no 'shards' list)")
+    for entry in manifest["shards"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) \
+                or not isinstance(entry.get("num_samples"), int) or entry["num_samples"] < 0:
+            raise ValueError(f"manifest {url!r}: every shard entry needs a 'name' and a 'num_samples' >= 0, "
+                             f"got {entry!r}")
     return manifest
 
 
-def _manifest_path(url: str) -> str:
-    # train-000012.tar -> train.json in the same folder
-    head, name = os.path.split(url)
-    return os.path.join(head, name.rsplit("-", 1)[0] + ".json")
+def manifest_counts(manifest: dict) -> dict[str, int]:
+    """{shard name: samples} of a manifest."""
+    return {s["name"]: int(s["num_samples"]) for s in manifest["shards"]}
 
 
-def sample_counts(urls: list[str]) -> list[int]:
-    """Samples per shard, from the manifests beside the shards, else by reading each shard once."""
-    manifests: dict[str, dict[str, int] | None] = {}
-    counts = []
-    for url in urls:
-        mpath = _manifest_path(url)
-        if mpath not in manifests:
-            manifests[mpath] = None
-            if _is_local(mpath) and os.path.exists(_local_path(mpath)):
-                shards = _read_manifest(_local_path(mpath))["shards"]
-                manifests[mpath] = {s["name"]: int(s["num_samples"]) for s in shards}
-        known = manifests[mpath]
-        name = os.path.basename(url)
-        if known is not None and name in known:
-            counts.append(known[name])
-        else:
-            counts.append(count_samples(url))
-    return counts
+def sample_key(name: str) -> tuple[str, str] | None:
+    """(key, lower-case extension) of a tar member name, WebDataset's convention; None for names it skips."""
+    key, ext = base_plus_ext(name)
+    return None if key is None else (key, ext.lower())
 
 
-def count_samples(url: str) -> int:
-    """Number of samples in one shard, reading it through (damage ends the count)."""
-    n = 0
-    try:
-        for _ in iter_samples(url):
-            n += 1
-    except ShardReadError as e:
-        return e.samples_read
-    return n
-
-
-def _open(url: str) -> IO[bytes]:
-    if _is_local(url):
-        return open(_local_path(url), "rb", buffering=1 << 20)
-    import webdataset
-
-    return webdataset.gopen(url, "rb")
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    # WebDataset convention: key = folder + basename up to its first dot; the rest is the extension.
-    folder, base = os.path.split(name)
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
-def iter_samples(url: str, stop_after: int | None = None) -> Iterator[Sample]:
+def iter_samples(url: str, stop_after: int | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                 opener: Callable[[str, float], IO[bytes]] = open_url) -> Iterator[Sample]:
     """Yield (key, {ext: bytes}) for consecutive members sharing a key; raises ShardReadError on damage.
 
     `stop_after` ends the read after that many samples, so a reader never pulls bytes it will not use.
+    `opener(url, timeout)` opens the byte stream (the indexer wraps it to count and hash the bytes).
     """
     count = 0
     try:
-        stream = _open(url)
-    except OSError as e:
+        stream = opener(url, timeout)
+    except (OSError, ValueError) as e:
         raise ShardReadError(url, 0, e) from e
     try:
-        with stream, tarfile.open(fileobj=stream, mode="r|*") as tf:
-            key, parts = None, {}
-            for member in tf:
-                if not member.isfile():
-                    continue
-                k, ext = _split_name(member.name)
-                if k != key and key is not None:
-                    yield key, parts
-                    count += 1
-                    if stop_after is not None and count >= stop_after:
-                        return
-                    parts = {}
-                key = k
-                parts[ext] = tf.extractfile(member).read()
-            if key is not None:
+        key, parts = None, {}
+        for member in tar_file_iterator(stream):
+            split = sample_key(member["fname"])
+            if split is None:
+                continue
+            if split[0] != key and key is not None:
                 yield key, parts
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+                count += 1
+                if stop_after is not None and count >= stop_after:
+                    return
+                parts = {}
+            key = split[0]
+            parts[split[1]] = member["data"]
+        if key is not None:
+            yield key, parts
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # OSError includes socket timeouts
         raise ShardReadError(url, count, e) from e
+    finally:
+        try:
+            stream.close()
+        except OSError:
+            pass  # a pipe: command that failed after we stopped reading; the samples read are fine
+

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-import signal
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -26,9 +26,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .augment import crop, decode_sample, to_batch
 from .degrade import DEGRADATIONS, degrade
+from .index import lookup_counts
 from .order import SampleOrder
 from .reader import SampleFetcher
-from .shards import expand_urls, sample_counts
+from .remote import DEFAULT_TIMEOUT_S, shard_name
+from .shards import expand_urls
+from .workers import stop_workers, survive_stop_signals, track, untrack
 
 STATE_VERSION = 1
 
@@ -53,6 +56,7 @@ class _Spec:
     degradation: str | None
     sr_factor: int
     mask_fraction: float
+    timeout: float
 
     def shard_ids(self, worker: int, epoch: int) -> list[int]:
         """Shards this rank's `worker` reads in `epoch` (split: a disjoint share; resampled: all of them)."""
@@ -72,23 +76,22 @@ def _worker_batches(spec: _Spec, epoch: int, worker: int, cursor: int, num_batch
                         rank=spec.rank, worker=worker, epoch=epoch, shuffle=spec.shuffle,
                         buffer_size=spec.shuffle_buffer)
     order.skip(cursor)
-    fetcher = SampleFetcher(list(spec.urls), order)
+    fetcher = SampleFetcher(list(spec.urls), order, spec.timeout)
     # A run of lost samples longer than this means the worker's shards are unreadable, not just damaged.
     max_lost_run = 4 * max(spec.counts) + 10 * spec.batch_size
     draft = spec.image_size if spec.resize else None
     try:
         for _ in range(num_batches):
             rng = np.random.default_rng([spec.seed, spec.rank, worker, epoch, order.emitted, 2])
-            crops, labels, keys, lost_run, lost, damaged = [], [], [], 0, 0, fetcher.damaged_shards
+            crops, labels, keys, lost_run, lost = [], [], [], 0, 0
+            damage_seen = len(fetcher.damage)
             while len(crops) < spec.batch_size:
                 sample = fetcher.fetch(next(order))
                 decoded = decode_sample(sample[1], draft) if sample is not None else None
                 if decoded is None:
                     lost, lost_run = lost + 1, lost_run + 1
                     if lost_run > max_lost_run:
-                        names = sorted({os.path.basename(spec.urls[i]) for i in spec.shard_ids(worker, epoch)})[:8]
-                        raise RuntimeError(f"rank {spec.rank} worker {worker}: {lost_run} samples in a row could not "
-                                           f"be read from shards {names}...; check or rewrite these shards")
+                        raise RuntimeError(_unreadable_message(spec, worker, epoch, lost_run, fetcher.damage))
                     continue
                 lost_run = 0
                 crops.append(crop(decoded[0], spec.image_size, train=spec.train, resize=spec.resize, rng=rng))
@@ -100,10 +103,19 @@ def _worker_batches(spec: _Spec, epoch: int, worker: int, cursor: int, num_batch
                 batch.update(degrade(images, spec.degradation, sr_factor=spec.sr_factor,
                                      mask_fraction=spec.mask_fraction))
             batch.update(_epoch=epoch, _worker=worker, _cursor=order.emitted, _lost=lost,
-                         _damaged=fetcher.damaged_shards - damaged)
+                         _damage=fetcher.damage[damage_seen:])
             yield batch
     finally:
         fetcher.close()
+
+
+def _unreadable_message(spec: _Spec, worker: int, epoch: int, lost_run: int, damage: list[tuple[str, str]]) -> str:
+    names = sorted({shard_name(spec.urls[i]) for i in spec.shard_ids(worker, epoch)})
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    reasons = "; ".join(f"{name}: {why}" for name, why in dict(damage[-3:]).items())
+    return (f"rank {spec.rank} DataLoader worker {worker}: {lost_run} samples in a row could not be read from its "
+            f"shards ({shown}){'; last errors: ' + reasons if reasons else ''}. Check that the shards exist and "
+            f"are readable (lasers-shard index PATTERN lists damaged ones), then rewrite or remove them")
 
 
 class _StreamDataset(IterableDataset):
@@ -129,24 +141,13 @@ class _StreamDataset(IterableDataset):
             yield from _worker_batches(self.spec, epoch, worker, cursor, count)
 
 
-def _survive_stop_signals(worker_id: int) -> None:
-    """DataLoader worker start: ignore SIGTERM / SIGUSR1.
-
-    torchrun and Slurm deliver a stop signal to a rank's whole process group, workers included. A worker killed
-    by it takes the rank down with "DataLoader worker exited unexpectedly" before the main process can finish
-    its step and save the checkpoint the signal asked for. Workers still end with their parent (they watch it).
-    """
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-
-
 class ShardStream:
     """Batches of images from WebDataset shards for one rank (an epoch at a time, exactly resumable).
 
     Args:
         urls: shard URLs: a brace pattern (`train-{000000..000127}.tar`), a glob (`data/photos/train-*.tar`),
-            a manifest (`data/photos/train.json`), or a list of these. Per-shard sample counts come from the
-            `{split}.json` manifest beside the shards (shards without one are counted once at construction).
+            a manifest (`data/photos/train.json`, or its URL), or a list of these; local paths, `http(s)://`,
+            `pipe:` commands and the other schemes WebDataset opens.
         batch_size: samples per batch (per rank).
         image_size: side of the square crops.
         mode: "resampled" (each (rank, worker) draws shards with replacement, seeded by (seed, rank, worker,
@@ -168,9 +169,16 @@ class ShardStream:
         pin_memory: pin batches when CUDA is available.
         multiprocessing_context: start method of the DataLoader workers ("fork", "spawn", "forkserver";
             None: torch's default, which inside a process started by spawn is spawn).
+        counts: samples per shard, in the order of the expanded URLs (e.g. looked up once by rank 0 and
+            broadcast). None: from `manifest`, else the `{split}.json` manifest beside the shards, else by reading
+            the shards once here (with a warning; see `index.lookup_counts`).
+        manifest: a manifest path or URL to take the counts from (used only when `counts` is None).
+        io_timeout_s: seconds a remote open or read may wait for data before it counts as failed.
 
     Workers: one DataLoader serves all epochs. It starts at the first batch requested and is restarted only
-    by `load_state_dict`, `set_epoch` or `close()` (the workers then re-derive their positions).
+    by `load_state_dict`, `set_epoch` or `close()` (the workers then re-derive their positions). `close()` ends
+    the worker processes within about 2 s, whatever they are doing; streams still open at interpreter exit are
+    closed then (so an exception that skips `close()` cannot leave the process waiting for its workers).
 
     Iteration: `for batch in stream` yields the REST of the current epoch (`len(stream)` batches for a fresh
     epoch) and then moves to the next epoch, so successive loops walk through epochs 0, 1, 2, ...;
@@ -187,9 +195,10 @@ class ShardStream:
     rank's dict, e.g. all-gathered into a list; `load_state_dict` accepts that list and picks its rank.
     `set_epoch(e)` restarts at the first batch of epoch e.
 
-    Damage: samples whose image cannot be decoded, and samples missing because a shard is truncated or
-    unreadable, are skipped and counted (`corrupt_count`, `stats()`); the worker draws further samples
-    (the next shards, or another pass over its own) so the batch count never changes.
+    Damage: samples whose image cannot be decoded, and samples missing because a shard is truncated,
+    unreadable or gone, are skipped and counted (`corrupt_count`, `stats()`, one warning per damaged shard);
+    the worker draws further samples (the next shards, or another pass over its own) so the batch count never
+    changes. A worker that cannot read a single sample for a long run raises, naming its shards.
     """
 
     def __init__(self, urls: str | os.PathLike | list, *, batch_size: int, image_size: int,
@@ -197,24 +206,31 @@ class ShardStream:
                  num_workers: int = 0, batches_per_epoch: int | None = None, degradation: str | None = None,
                  sr_factor: int = 4, mask_fraction: float = 0.25, shuffle: bool | None = None,
                  shuffle_buffer: int = 512, resize: bool = True, pin_memory: bool = True, prefetch_factor: int = 2,
-                 multiprocessing_context: str | None = None):
+                 multiprocessing_context: str | None = None, counts: list[int] | None = None,
+                 manifest: str | None = None, io_timeout_s: float = DEFAULT_TIMEOUT_S):
         _check_args(batch_size, image_size, mode, rank, world_size, num_workers, degradation, sr_factor,
                     mask_fraction)
-        shard_urls = expand_urls(urls)
-        counts = sample_counts(shard_urls)
+        shard_urls = expand_urls(urls, io_timeout_s)
+        if counts is None:
+            counts = lookup_counts(shard_urls, manifest, timeout=io_timeout_s,
+                                   pattern=urls if isinstance(urls, str) else None).counts
+        if len(counts) != len(shard_urls) or any(int(c) < 0 for c in counts):
+            raise ValueError(f"counts must give a sample count >= 0 for each of the {len(shard_urls)} shards, "
+                             f"got {len(counts)} values")
         workers = max(1, num_workers)
-        self.spec = _Spec(tuple(shard_urls), tuple(counts), mode, batch_size, image_size, train,
+        self.spec = _Spec(tuple(shard_urls), tuple(int(c) for c in counts), mode, batch_size, image_size, train,
                           train if shuffle is None else shuffle, shuffle_buffer, resize, seed, rank, world_size,
-                          workers, degradation, sr_factor, mask_fraction)
+                          workers, degradation, sr_factor, mask_fraction, io_timeout_s)
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.multiprocessing_context = multiprocessing_context
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.batches_per_epoch = _batches_per_epoch(self.spec, batches_per_epoch)
         self._identity = hashlib.sha256(
-            repr([(os.path.basename(u), c) for u, c in zip(shard_urls, counts)]).encode()).hexdigest()[:16]
+            repr([(shard_name(u), int(c)) for u, c in zip(shard_urls, counts)]).encode()).hexdigest()[:16]
         self.epoch, self.batches_yielded = 0, 0
         self._cursors = [0] * workers
         self._lost, self._damaged = 0, 0
+        self._damaged_shards: dict[str, str] = {}  # shard name -> what went wrong (the first 100 met)
         self._live: Iterator[dict] | None = None  # the running DataLoader iterator, positioned at our state
 
     # ---- iteration --------------------------------------------------------------------------------------
@@ -240,8 +256,10 @@ class ShardStream:
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch_factor if workers else None,
                             multiprocessing_context=self.multiprocessing_context if workers else None,
-                            worker_init_fn=_survive_stop_signals if workers else None)
-        return iter(loader)
+                            worker_init_fn=survive_stop_signals if workers else None)
+        live = iter(loader)
+        track(self)
+        return live
 
     def _next_batch(self) -> dict:
         if self._live is None:
@@ -253,15 +271,27 @@ class ShardStream:
                                f"worker {where[1]}: the DataLoader did not hand out batches round-robin")
         self._cursors[where[1]] = batch.pop("_cursor")
         self._lost += batch.pop("_lost")
-        self._damaged += batch.pop("_damaged")
+        self._note_damage(batch.pop("_damage"))
         self.batches_yielded += 1
         if self.batches_yielded == self.batches_per_epoch:
             self.epoch, self.batches_yielded, self._cursors = self.epoch + 1, 0, [0] * W
         return batch
 
-    def close(self) -> None:
-        """Stop the DataLoader workers now (they also stop when the stream is garbage collected)."""
-        self._live = None
+    def _note_damage(self, damage: list[tuple[str, str]]) -> None:
+        self._damaged += len(damage)
+        for name, why in damage:
+            if name not in self._damaged_shards and len(self._damaged_shards) < 100:
+                self._damaged_shards[name] = why
+                warnings.warn(f"rank {self.spec.rank}: shard {name}: {why}; its missing samples are skipped and "
+                              f"counted in corrupt_samples", stacklevel=3)
+
+    def close(self, grace_s: float = 2.0) -> None:
+        """Stop the DataLoader workers now: asked to finish, then killed after `grace_s` seconds. The position is
+        kept: the next batch restarts them where the stream stands."""
+        live, self._live = self._live, None
+        untrack(self)
+        if live is not None:
+            stop_workers(live, grace_s)
 
     def set_epoch(self, epoch: int) -> None:
         """Position the stream at the first batch of `epoch`."""
@@ -279,7 +309,7 @@ class ShardStream:
 
     def stats(self) -> dict:
         return {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "corrupt_samples": self._lost,
-                "damaged_shard_reads": self._damaged}
+                "damaged_shard_reads": self._damaged, "damaged_shards": dict(self._damaged_shards)}
 
     # ---- checkpointing ----------------------------------------------------------------------------------
 

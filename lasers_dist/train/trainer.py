@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lasers_dist.bottleneck import perplexity
 from lasers_dist.config import Config, save_config
-from lasers_dist.data import ShardStream, expand_urls
+from lasers_dist.data import ShardStream, expand_urls, shared_shard_lists
 from lasers_dist.losses import ReconstructionLoss
 from lasers_dist.models import build_autoencoder, build_discriminator
 from lasers_dist.train import checkpoint as ckpt
@@ -76,10 +76,23 @@ def _stream_args(cfg: Config, world_size: int) -> dict:
     )
 
 
-def build_train_stream(cfg: Config, env: DistEnv) -> ShardStream:
+def shard_lists(cfg: Config, env: DistEnv) -> dict[str, tuple[list[str], list[int]]]:
+    """{"train": (shard URLs, samples per shard), "val": ...}: rank 0 looks them up once per job and broadcasts
+    (see `lasers_dist.data.index.shared_shard_lists`); a collective."""
+    d = cfg.data
+    return shared_shard_lists({"train": (d.train_shards, d.train_manifest), "val": (d.val_shards, d.val_manifest)},
+                              rank=env.rank, broadcast=D.broadcast_object, timeout=d.io_timeout_s)
+
+
+def build_train_stream(cfg: Config, env: DistEnv,
+                       shards: tuple[list[str], list[int]] | None = None) -> ShardStream:
+    """This rank's training stream; `shards` = (URLs, counts) from `shard_lists` (None: the stream looks them up)."""
     d = cfg.data
     return ShardStream(
-        d.train_shards,
+        shards[0] if shards else d.train_shards,
+        counts=shards[1] if shards else None,
+        manifest=d.train_manifest or None,
+        io_timeout_s=d.io_timeout_s,
         mode=d.mode,
         train=True,
         rank=env.rank,
@@ -90,17 +103,21 @@ def build_train_stream(cfg: Config, env: DistEnv) -> ShardStream:
     )
 
 
-def build_val_stream(cfg: Config, env: DistEnv) -> ShardStream | None:
+def build_val_stream(cfg: Config, env: DistEnv,
+                     shards: tuple[list[str], list[int]] | None = None) -> ShardStream | None:
     """This rank's share of the val shards (in order, centre crops), or None when it gets no shard: with fewer
-    val shards than ranks the first ranks validate and the others contribute nothing to the reduction."""
-    if not cfg.data.val_shards:
+    val shards than ranks the first ranks validate and the others contribute nothing to the reduction.
+    `shards` = (URLs, counts) from `shard_lists`, so a validation pass reads no shard just to count it."""
+    d = cfg.data
+    if not d.val_shards:
         return None
-    val_world = min(env.world_size, len(expand_urls(cfg.data.val_shards)))
+    urls, counts = shards if shards else (expand_urls(d.val_shards, d.io_timeout_s), None)
+    val_world = min(env.world_size, len(urls))
     if env.rank >= val_world:
         return None
     return ShardStream(
-        cfg.data.val_shards, mode="split", train=False, rank=env.rank, world_size=val_world, num_workers=0,
-        **_stream_args(cfg, env.world_size),
+        urls, counts=counts, manifest=d.val_manifest or None, io_timeout_s=d.io_timeout_s, mode="split",
+        train=False, rank=env.rank, world_size=val_world, num_workers=0, **_stream_args(cfg, env.world_size),
     )
 
 
@@ -140,7 +157,9 @@ class Trainer:
         ).to(device)
         self.engines: Engines = build_engines(cfg, autoencoder, discriminator, env.world_size, device)
         seed_everything(cfg.train.seed + env.rank)
-        self.train_stream = train_stream if train_stream is not None else build_train_stream(cfg, env)
+        self.shards = shard_lists(cfg, env)  # a collective: every rank constructs the Trainer
+        self.train_stream = train_stream if train_stream is not None else \
+            build_train_stream(cfg, env, self.shards.get("train"))
         self.progress = progress
         self.step = 0
         self._sample_batch: Tensor | None = None  # first training inputs of this run (no val shards)
@@ -272,7 +291,7 @@ class Trainer:
         num_atoms = generator.bottleneck.num_atoms
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # images, psnr sum, mse sum, lpips sum
         usage = torch.zeros(num_atoms, dtype=torch.float64, device=self.device)
-        stream = build_val_stream(self.cfg, self.env)
+        stream = build_val_stream(self.cfg, self.env, self.shards.get("val"))
         generator.eval()
         try:
             if stream is not None:
@@ -334,7 +353,7 @@ class Trainer:
 
     def _fixed_sample_images(self) -> Tensor | None:
         if self._val_sample is None and self.cfg.data.val_shards:
-            stream = build_val_stream(self.cfg, self.env)
+            stream = build_val_stream(self.cfg, self.env, self.shards.get("val"))
             if stream is not None:
                 self._val_sample = split_batch(next(iter(stream)), self.device)[0][:8]
                 stream.close()
