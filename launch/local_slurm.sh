@@ -147,6 +147,7 @@ cmd_stop() {
   export SLURM_CONF=$dir/slurm.conf
   # Jobs first: their slurmstepd processes would outlive slurmd.
   if [[ -f $dir/slurmctld.pid ]] && ! no_jobs; then
+    # shellcheck disable=SC2046  # one argument per job id
     scancel --full --quiet $(squeue -h -o %i) 2>/dev/null || true
     wait_for 60 "the jobs to end" no_jobs || true
   fi

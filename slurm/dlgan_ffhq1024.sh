@@ -17,7 +17,7 @@
 # Shards first: lasers-shard /path/to/ffhq data/ffhq1024 --kind ffhq --keep-size --format jpeg --quality 95
 # Every variable, the requeue rules and the logs: slurm/run_job.sh and the README's "On a cluster".
 # Slurm runs a copy of this file from its spool folder: find the checkout from the path sbatch was given.
-script=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
+script=${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')}
 script=${script:-$0}
 [[ $script == /* ]] || script=${SLURM_SUBMIT_DIR:-$PWD}/$script
 source "${LASERS_HOME:=$(cd "$(dirname "$script")/.." && pwd)}/slurm/run_job.sh"

@@ -18,7 +18,7 @@
 # Variables: LASERS_SWEEP_CONFIGS (glob, relative to the checkout; default configs/paper/*.yaml), LASERS_RUN_ROOT (default runs/paper),
 # and those of slurm/run_job.sh (LASERS_DATA_DIR, LASERS_NPROC_PER_NODE, ...). The config list is fixed when
 # the array is submitted with bash (LASERS_SWEEP_LIST), so adding a config later does not shift the tasks.
-script=$(scontrol show job "${SLURM_JOB_ID:-0}" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
+script=${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')}
 script=${script:-$0}
 [[ $script == /* ]] || script=${SLURM_SUBMIT_DIR:-$PWD}/$script
 source "${LASERS_HOME:=$(cd "$(dirname "$script")/.." && pwd)}/slurm/run_job.sh"
@@ -36,7 +36,8 @@ if [[ ! -f ${configs[0]} ]]; then
   exit 2
 fi
 
-if [[ -z ${SLURM_JOB_ID:-} ]]; then  # run with bash on a login node: submit the array
+# Run with bash (not by Slurm, whose copy of a batch script is named slurm_script): submit the array.
+if [[ -z ${SLURM_ARRAY_TASK_ID:-} && ${0##*/} != slurm_script ]]; then
   sbatch_options=()
   if [[ " $* " == *" -- "* ]]; then  # sbatch options -- overrides
     while [[ $1 != -- ]]; do sbatch_options+=("$1"); shift; done

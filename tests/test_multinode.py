@@ -105,3 +105,23 @@ def test_cpu_threads_respects_omp_num_threads():
     for bad in ("0", "four", "-2"):
         with pytest.raises(ValueError, match="OMP_NUM_THREADS"):
             cpu_threads({"OMP_NUM_THREADS": bad}, local_world_size=1)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_scaling_bench_two_agents(tmp_path_factory, tmp_path, capsys):
+    """`lasers-bench scaling` with its most involved layout: two torchrun agents (c10d, one core each)."""
+    from lasers_dist.cli.bench import main as bench
+
+    config = write_config(tmp_path / "cfg.yaml", tiny_config(session_shards(tmp_path_factory), tmp_path / "unused"))
+    out = tmp_path / "scaling.json"
+    assert bench(["scaling", "--config", str(config), "--layouts", "2x1", "--batch", "2", "--steps", "2",
+                  "--warmup", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert (row["nodes"], row["procs_per_node"], row["processes"]) == (2, 1, 2)
+    assert row["images_per_s"] > 0 and row["speedup"] == 1.0 and len(row["step_ms_all"]) == 2
+    # The gradient all-reduce (and DeepSpeed's other collectives) were timed on both ranks.
+    assert len(row["collective_share_per_rank"]) == 2
+    assert all(0 < share < 1 for share in row["collective_share_per_rank"])
+    assert "2 node(s) x 1" in capsys.readouterr().out

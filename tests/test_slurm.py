@@ -198,6 +198,27 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, uninterrupted, tmp_path_fa
     assert [r["train/loss"] for r in lines] == [r["train/loss"] for r in reference]
 
 
+def test_scancel_checkpoints_and_is_not_requeued(slurm, tmp_path_factory):
+    # TERM reaches the batch shell too: the ranks checkpoint, but a cancelled job must stay cancelled.
+    work = tmp_path_factory.mktemp("sbatch-cancel")
+    run = work / "run"
+    env = _env(slurm, session_shards(tmp_path_factory), run)
+    job = sbatch(slurm, work, env, str(REPO / "slurm" / "dlgan_ffhq.sh"), *_overrides(), "train.max_steps=100000")
+    log = work / f"dlgan_ffhq-{job}.out"
+    wait_for(lambda: has_logged_a_step(run), 180, "the first logged step", log)
+    subprocess.run(["scancel", str(job)], env=env, check=True, timeout=30)
+    # The script's last word comes after its requeue decision: once it is in the log, no requeue can follow.
+    decided = "Slurm is ending this job (TERM): not requeued by this script"
+    wait_for(lambda: decided in log_text(log), 120, "the batch script's decision", log)
+    info = wait_until_ended(job, env, log, timeout=120)
+    text = log_text(log)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", text[-4000:]
+    assert "TERM: asking the ranks to checkpoint and stop" in text and "requeueing" not in text
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "stopped" and status["reason"] in ("SIGTERM", "stop_file"), status
+    assert ckpt.read_meta(run / "checkpoints" / ckpt.step_name(status["step"]))["step"] == status["step"]
+
+
 def test_bad_config_fails_at_once_without_requeue(slurm, tmp_path_factory):
     work = tmp_path_factory.mktemp("sbatch-bad")
     env = _env(slurm, session_shards(tmp_path_factory), work / "run")

@@ -1,4 +1,4 @@
-"""`lasers-bench omp|data|step`: microbenchmarks that print a table and write JSON."""
+"""`lasers-bench omp|data|step|scaling`: benchmarks that print a table and write JSON."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: lasers-bench {omp,data,step} [options]   (lasers-bench omp --help for the options)"
+    usage = "usage: lasers-bench {omp,data,step,scaling} [options]   (lasers-bench omp --help for the options)"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
         from lasers_dist.data.bench import main as run
     elif which == "step":
         from lasers_dist.kernels.bench_step import main as run
+    elif which == "scaling":
+        from lasers_dist.cli.bench_scaling import main as run
     else:
         print(f"lasers-bench: unknown benchmark {which!r}\n{usage}", file=sys.stderr)
         return 2
