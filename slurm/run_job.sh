@@ -148,7 +148,9 @@ lasers_job() {
     lasers_log "this torch's torchrun has no --signals-to-handle / --shutdown-timeout: it kills workers 30 s after a TERM; the stop file still works"
   fi
   lasers_log "launching: srun --ntasks-per-node=1 ${torchrun[*]} -m lasers_dist.cli.train ..."
+  # --cpus-per-task explicitly: srun 22.05+ no longer takes it from sbatch, and the step would get 1 CPU per node.
   srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+    ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
     "${torchrun[@]}" -m lasers_dist.cli.train --config "$config" ${overrides[@]+"${overrides[@]}"} \
     --resume auto &
   local pid=$!

@@ -96,7 +96,7 @@ def wait_for(condition, timeout: float, what: str, log: Path | None = None):
         if value:
             return value
         time.sleep(0.2)
-    tail = log.read_text()[-4000:] if log is not None and log.is_file() else ""
+    tail = log_text(log)[-4000:] if log is not None else ""
     raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{tail}")
 
 
@@ -116,7 +116,8 @@ def has_logged_a_step(run_dir: Path) -> bool:
 
 
 def log_text(log: Path) -> str:
-    return log.read_text().replace("\r", "\n")
+    # Several processes write progress bars into one job log: a multi-byte character may come out torn.
+    return log.read_bytes().decode("utf-8", "replace").replace("\r", "\n") if log.is_file() else ""
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +260,7 @@ def test_sweep_runs_one_array_task_per_config(slurm, tmp_path_factory):
 
     records = wait_for(lambda: (t := tasks()) and len(t) == 2 and all(r["JobState"] in ENDED for r in t) and t,
                        240, f"array job {job}'s 2 tasks to end")
-    logs = "\n".join(p.read_text() for p in work.glob("*.out"))
+    logs = "\n".join(log_text(p) for p in work.glob("*.out"))
     assert sorted(r["ArrayTaskId"] for r in records) == ["0", "1"]
     assert all(r["JobState"] == "COMPLETED" for r in records), logs[-5000:]
     for name, bottleneck in (("a_dl", "dictionary"), ("b_vq", "vq")):
