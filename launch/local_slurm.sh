@@ -141,6 +141,17 @@ stop_pidfile() {  # stop_pidfile FILE: TERM the daemon whose pid FILE holds, KIL
 
 no_jobs() { [[ -z $(squeue -h -o %i 2>/dev/null) ]]; }
 
+# The slurmstepd processes of this cluster's jobs (they inherit its SLURM_CONF from slurmd).
+our_stepds() {
+  local pid
+  for pid in $(pgrep -x slurmstepd); do
+    if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "SLURM_CONF=$SLURM_CONF"; then
+      echo "$pid"
+    fi
+  done
+}
+no_stepds() { [[ -z $(our_stepds) ]]; }
+
 cmd_stop() {
   local dir
   dir=$(cd "$1" && pwd)
@@ -151,9 +162,16 @@ cmd_stop() {
     scancel --full --quiet $(squeue -h -o %i) 2>/dev/null || true
     wait_for 60 "the jobs to end" no_jobs || true
   fi
+  # A job's slurmstepd reports its end to slurmctld, retrying for ever if that is gone: let it finish first.
+  wait_for 30 "the jobs' slurmstepd processes to end" no_stepds || true
   stop_pidfile "$dir/slurmd.pid"
   stop_pidfile "$dir/slurmctld.pid"
   stop_pidfile "$dir/munge/munged.pid"
+  local pid
+  for pid in $(our_stepds); do
+    log "killing slurmstepd $pid, left over by a job of this cluster"
+    kill -KILL "$pid" 2>/dev/null || true
+  done
   log "stopped the daemons of $dir"
 }
 
