@@ -109,6 +109,7 @@ class TrainConfig:
     precision: str = _choice("fp32", "fp32", "bf16")
     collective_timeout_s: float = 600.0
     stop_at_step: int = 0  # (trainer) stop early after this step as if signalled: save, exit resumable; 0 = off
+    stop_file: str = ""  # a file whose appearance stops the run gracefully at the next step; "" = out_dir/STOP
 
 
 @dataclass

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Install whatever this checkout needs and is missing; safe to run again (it does nothing when all is there).
-#   PYTHON       interpreter to install into (default: python3)
+#   PYTHON       interpreter to install into (default: the active venv / conda env, else the checkout's .venv,
+#                else python3; an "externally managed" system Python gets a new .venv instead: see python_env.sh)
 #   TORCH_SPEC   how to get torch when it is absent (default: the release this project is tested with;
 #                on a GPU cluster, install your own CUDA build of torch first and this step is skipped)
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-py=${PYTHON:-python3}
+source "$repo/launch/python_env.sh"
+lasers_resolve_python "$repo"
+py=$LASERS_PY
 torch_spec=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 
 if ! "$py" -c "import torch, torchvision" >/dev/null 2>&1; then
@@ -28,4 +31,4 @@ if [[ "$installed_from" != "$repo" ]]; then
   # DS_BUILD_OPS=0: DeepSpeed installs from source without compiling its CUDA/C++ ops (JIT-built if ever used).
   (cd "$repo" && DS_BUILD_OPS=0 "$py" -m pip install --quiet --root-user-action=ignore -e ".[dev]")
 fi
-echo "[setup] ready: $("$py" -c 'import torch, deepspeed; print("torch", torch.__version__, "| deepspeed", deepspeed.__version__)' 2>/dev/null | tail -n 1)"
+echo "[setup] ready: $py | $("$py" -c 'import torch, deepspeed; print("torch", torch.__version__, "| deepspeed", deepspeed.__version__)' 2>/dev/null | tail -n 1)"

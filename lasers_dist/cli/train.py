@@ -10,9 +10,17 @@ Everything that can be checked without the other ranks (config keys and combinat
 DeepSpeed JSON, the checkpoint to resume) is checked before any process group starts, so a bad run fails in
 seconds with exit code 2 instead of hanging in a rendezvous.
 
-Exit codes: 0 when the run finished or stopped early on SIGTERM / SIGUSR1 (then it logs "stopped early",
-writes out_dir/status.json with "state": "stopped", and `--resume auto` continues it); 2 for a bad
-configuration; anything else is a crash.
+Exit codes: 0 when the run finished or stopped early on SIGTERM / SIGUSR1 or the stop file (then it logs
+"stopped early", writes out_dir/status.json with "state": "stopped", and `--resume auto` continues it); 2 for a
+bad configuration; anything else is a crash.
+
+`--check` runs only those checks and prints the resolved config (YAML, with the run directory, stop file and
+resume decision in a comment): the Slurm scripts call it in the batch shell, so a bad config fails in seconds
+without being requeued, and the job log shows what will run.
+
+CPU threads per process: OMP_NUM_THREADS when it is set, else this process's cores divided by the processes on
+its node. torchrun sets OMP_NUM_THREADS=1 itself (and prints a banner) when it starts several processes and the
+variable is unset; the launch scripts always set it, to the user's value or to cores / processes.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import re
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -46,6 +55,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="'auto': continue from the newest complete checkpoint in train.out_dir (a fresh start if none); "
         "or a checkpoint folder / run directory",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check the config, shards and resume for this world size (no training) and print the resolved "
+        "config; exit 0 when it would start, 2 when not",
     )
     # Intermixed: overrides may follow --resume (launch scripts append "$@" after their own overrides).
     return parser.parse_intermixed_args(argv)
@@ -156,14 +171,33 @@ def _export_for_deepspeed(env, device_type: str) -> None:
     })
 
 
-def _cpu_threads(local_world_size: int) -> int:
-    # Ranks that share a node's cores must not each start one thread per core (oversubscription makes 2 ranks
-    # on 2 cores several times slower than 1 thread each).
+def cpu_threads(environ: Mapping[str, str], local_world_size: int) -> tuple[int, str]:
+    """Intra-op threads for this process, and where the number comes from (for the start-up log).
+
+    OMP_NUM_THREADS wins when set (its first entry: OpenMP allows a nested list "8,2"). Otherwise ranks that share
+    a node's cores split them: one thread per core per rank would oversubscribe (2 ranks on 2 cores run several
+    times slower than with 1 thread each)."""
+    value = environ.get("OMP_NUM_THREADS", "").strip()
+    if value:
+        first = value.split(",")[0].strip()
+        if not first.isdigit() or int(first) < 1:
+            raise ValueError(f"OMP_NUM_THREADS={value!r} is not a positive integer: unset it or set e.g. 4")
+        return int(first), "OMP_NUM_THREADS"
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return max(1, cores // local_world_size)
+    return max(1, cores // local_world_size), f"{cores} cores / {local_world_size} processes on this node"
+
+
+def quiet_start_up(rank: int) -> None:
+    """Start-up warnings once per job, not once per process: deprecations are the same on every rank, so only
+    rank 0 shows them. One is dropped everywhere: DeepSpeed's ZeRO calls torch's all_gather_into_tensor, which
+    torch >= 2.9 marks deprecated; nothing a user can change, and harmless."""
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
+    if rank != 0:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 # ---- main ----------------------------------------------------------------------------------------------
@@ -220,13 +254,43 @@ def preflight(args: argparse.Namespace, environ: Mapping[str, str]):
     return cfg, env, resume
 
 
+def print_check(cfg, env, resume: Path | None) -> None:
+    """`--check`'s output: the resolved config as YAML, after a comment block a launch script can read."""
+    import yaml
+
+    from lasers_dist.config import config_to_dict
+    from lasers_dist.train.signals import stop_file_path
+
+    print(f"# lasers-train --check: OK for world size {env.world_size}")
+    print(f"# out_dir: {Path(cfg.train.out_dir).resolve()}")
+    print(f"# stop_file: {stop_file_path(cfg.train.out_dir, cfg.train.stop_file).resolve()}")
+    print(f"# resume: {resume if resume is not None else 'none (fresh start)'}")
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="", flush=True)
+
+
+def start_up_line(cfg, env, device_type: str, threads: tuple[int, str], resume: Path | None) -> str:
+    nodes = max(1, env.world_size // env.local_world_size)
+    where = f"resuming from {resume}" if resume is not None else "fresh start"
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    return (
+        f"lasers-train: {env.world_size} process(es) ({nodes} node(s) x {env.local_world_size}), {device_type}/"
+        f"{backend}, rendezvous {env.master_addr}:{env.master_port}, {threads[0]} CPU thread(s) per process "
+        f"({threads[1]}); run directory {cfg.train.out_dir}; {where}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg, env, resume = preflight(args, os.environ)
+        threads = cpu_threads(os.environ, env.local_world_size)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"lasers-train: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.check:
+        print_check(cfg, env, resume)
+        return 0
+    quiet_start_up(env.rank)
 
     import torch
 
@@ -234,7 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device_type == "cpu":
         # Must be set before DeepSpeed is first imported (it picks its accelerator once, at import).
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        torch.set_num_threads(_cpu_threads(env.local_world_size))
+    torch.set_num_threads(threads[0])
+    if env.is_main:
+        print(start_up_line(cfg, env, device_type, threads, resume), flush=True)
     _export_for_deepspeed(env, device_type)
     import deepspeed
 

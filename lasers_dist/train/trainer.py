@@ -31,7 +31,7 @@ from lasers_dist.train import distributed as D
 from lasers_dist.train.distributed import DistEnv
 from lasers_dist.train.engines import Engines, build_engines
 from lasers_dist.train.metrics import MetricAccumulator, MetricsLog, psnr
-from lasers_dist.train.signals import StopFlag
+from lasers_dist.train.signals import StopFlag, stop_file_path
 from lasers_dist.train.step import train_step
 
 
@@ -210,7 +210,7 @@ class Trainer:
         last_checkpoint = ckpt.latest_checkpoint(self.checkpoints)
         train_time, steps_timed = 0.0, 0
         stopped, reason = False, "finished"
-        with StopFlag() as stop:
+        with StopFlag(stop_file=stop_file_path(t.out_dir, t.stop_file)) as stop:
             while self.step < t.max_steps:
                 start = time.perf_counter()
                 with data_rng():
@@ -242,6 +242,8 @@ class Trainer:
                 if stopping:
                     stopped, reason = True, stop.reason
                     break
+            if self.env.is_main:
+                stop.consume_stop_file()  # acted on, checkpoint committed: a resumed run must not stop at once
         if stopped:
             log.message(
                 f"lasers-train: stopped early at step {self.step} ({reason}); checkpoint {last_checkpoint} is "
