@@ -18,10 +18,26 @@ if ! "$py" -c "import torch, torchvision" >/dev/null 2>&1; then
 fi
 
 # The editable install must point at THIS checkout (CI clones into a new folder) and every dependency must import.
-installed_from=$("$py" - <<'PY' 2>/dev/null || true
-import importlib.util, pathlib
+installed_from=$("$py" - "$repo/pyproject.toml" <<'PY' 2>/dev/null || true
+# Every requirement of pyproject.toml (dependencies and the dev extra) must be installed at an accepted version,
+# so that a dependency added since the last install triggers a new one.
+import importlib.metadata as md, importlib.util, pathlib, re, sys
+text = pathlib.Path(sys.argv[1]).read_text()
+block = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
+block += re.search(r"^dev = \[(.*?)^\]", text, re.S | re.M).group(1)
+try:
+    from packaging.requirements import Requirement
+except ImportError:
+    Requirement = None
+for spec in re.findall(r'"([^"]+)"', block):
+    if Requirement is None:
+        md.version(re.split(r"[<>=!~\[; ]", spec)[0])
+        continue
+    req = Requirement(spec)
+    if req.marker is None or req.marker.evaluate():
+        if not req.specifier.contains(md.version(req.name), prereleases=True):
+            sys.exit(f"{req.name} {md.version(req.name)} does not satisfy {spec}")
 spec = importlib.util.find_spec("lasers_dist.kernels")
-import deepspeed, webdataset, lpips, safetensors, skimage, sklearn, pytest, pytest_timeout, yaml, tqdm  # noqa: F401
 print(pathlib.Path(spec.origin).resolve().parent.parent)
 PY
 )
