@@ -12,7 +12,10 @@ seconds with exit code 2 instead of hanging in a rendezvous.
 
 Exit codes: 0 when the run finished or stopped early on SIGTERM / SIGUSR1 (then it logs "stopped early",
 writes out_dir/status.json with "state": "stopped", and `--resume auto` continues it); 2 for a bad
-configuration; anything else is a crash.
+configuration or checkpoint request (a damaged checkpoint named explicitly); 3 when training diverged
+(train.max_bad_steps non-finite steps in a row; status "failed", reason "diverged ..."); 1 for any other crash
+(status "failed"). A failing rank prints why once, shuts its data workers down and exits at once; under torchrun
+the job's exit code is torchrun's own (1), and the worker's code appears in its error summary.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import re
 import socket
 import subprocess
 import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -31,7 +36,10 @@ from lasers_dist.config import ConfigError, load_config, validate
 from lasers_dist.train.checkpoint import CheckpointError
 
 DEFAULT_PORT = 29500
-EXIT_CONFIG = 2
+EXIT_CRASH = 1
+EXIT_CONFIG = 2  # a bad config or checkpoint request
+EXIT_DIVERGED = 3  # train.max_bad_steps non-finite steps in a row
+EXIT_INTERRUPTED = 130
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -193,8 +201,26 @@ def _check_buildable(cfg) -> None:
             )
 
 
+@dataclass
+class ResumePlan:
+    """Checkpoints to resume from, newest first, whose files have their recorded sizes; after the process group
+    starts, the first whose hashes also match is taken (explicit: a damaged one is an error, not skipped)."""
+
+    candidates: list[Path]
+    explicit: bool
+
+
+def _warner(rank: int):
+    def warn(text: str) -> None:
+        if rank == 0:  # every rank finds the same: say it once
+            print(f"lasers-train: warning: {text}", file=sys.stderr, flush=True)
+
+    return warn
+
+
 def preflight(args: argparse.Namespace, environ: Mapping[str, str]):
-    """Config, environment and resume checks that need no process group. Returns (cfg, env, resume folder)."""
+    """Config, environment and resume checks that need no process group. Returns (cfg, env, ResumePlan or None
+    for a fresh start)."""
     from lasers_dist.train import checkpoint as ckpt
     from lasers_dist.train.engines import deepspeed_config
 
@@ -204,26 +230,85 @@ def preflight(args: argparse.Namespace, environ: Mapping[str, str]):
     deepspeed_config(cfg, env.world_size)  # the JSON file's keys against ours
     _check_buildable(cfg)
     checkpoints = Path(cfg.train.out_dir) / "checkpoints"
-    resume = None
-    if args.resume is not None:
-        resume = ckpt.resolve_resume(args.resume, checkpoints)
-    elif ckpt.list_checkpoints(checkpoints):
-        raise ConfigError(
-            f"train.out_dir={cfg.train.out_dir} already holds checkpoints: pass --resume auto to continue that run, "
-            "or choose another train.out_dir"
-        )
-    if resume is not None:
-        ckpt.check_resume_compatible(
-            ckpt.read_meta(resume), env.world_size, cfg.data.mode, cfg.deepspeed.zero_stage, resume,
-            cfg.train.precision,
-        )
-    return cfg, env, resume
+    if args.resume is None:
+        if ckpt.list_checkpoints(checkpoints):
+            raise ConfigError(
+                f"train.out_dir={cfg.train.out_dir} already holds checkpoints: pass --resume auto to continue that "
+                "run, or choose another train.out_dir"
+            )
+        return cfg, env, None
+    candidates, explicit = ckpt.resume_candidates(args.resume, checkpoints)
+    candidates = ckpt.first_intact(candidates, explicit, _warner(env.rank))
+    if not candidates:
+        return cfg, env, None
+    ckpt.check_resume_compatible(
+        ckpt.read_meta(candidates[0]), env.world_size, cfg.data.mode, cfg.deepspeed.zero_stage, candidates[0],
+        cfg.train.precision,
+    )
+    return cfg, env, ResumePlan(candidates, explicit)
+
+
+def _verified_resume(plan: ResumePlan | None, cfg, env) -> Path | None:
+    """The checkpoint every rank resumes from: rank 0's candidates, hashes checked by all ranks together."""
+    from lasers_dist.train import checkpoint as ckpt
+    from lasers_dist.train import distributed as D
+
+    plan = D.broadcast_object(plan)  # every rank must load the same folder: rank 0's view of the file system
+    if plan is None:
+        return None
+    folder = ckpt.first_verified(plan.candidates, plan.explicit, _warner(env.rank))
+    ckpt.check_resume_compatible(ckpt.read_meta(folder), env.world_size, cfg.data.mode, cfg.deepspeed.zero_stage,
+                                 folder, cfg.train.precision)
+    return folder
+
+
+def _report_failure(err: BaseException, env, cfg, heartbeat, trainer, resuming: bool) -> int:
+    """Say once, in words, why this rank stops; return its exit code. Errors every rank meets alike (divergence, a
+    damaged checkpoint) are printed by rank 0; a failed collective is explained (which rank went quiet) rather than
+    traced; anything unexpected gets its traceback."""
+    from lasers_dist.train import distributed as D
+    from lasers_dist.train.checkpoint import CheckpointError
+    from lasers_dist.train.trainer import TrainingDiverged
+
+    def say(text: str) -> None:
+        print(f"lasers-train: {text}", file=sys.stderr, flush=True)
+
+    if isinstance(err, TrainingDiverged):
+        if env.is_main:
+            say(str(err))
+        return EXIT_DIVERGED
+    if isinstance(err, CheckpointError) and resuming:
+        if env.is_main:
+            say(f"error: {err}")
+        return EXIT_CONFIG
+    if isinstance(err, KeyboardInterrupt):
+        say(f"rank {env.rank}: interrupted")
+        return EXIT_INTERRUPTED
+    described = D.describe_collective_failure(err, heartbeat, cfg.train.collective_timeout_s)
+    if described is not None:
+        last = trainer.last_checkpoint if trainer is not None else None
+        say(f"rank {env.rank}: stopping: {described} When the cause is gone, resume with --resume auto "
+            f"(last good checkpoint: {last or 'none'}).")
+        return EXIT_CRASH
+    if not isinstance(err, CheckpointError):
+        traceback.print_exception(err, file=sys.stderr)
+    say(f"rank {env.rank}: error: {type(err).__name__}: {err}")
+    return EXIT_CRASH
+
+
+def _exit_now(code: int) -> None:
+    """End this process at once. Everything worth keeping is written and the streams are closed; what may still
+    run (a DataLoader worker that ignores SIGTERM, a communicator waiting on a dead peer, the heartbeat thread)
+    must not keep a failed rank alive, which a normal interpreter exit would (it joins child processes)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg, env, resume = preflight(args, os.environ)
+        cfg, env, plan = preflight(args, os.environ)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"lasers-train: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
@@ -244,14 +329,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lasers_dist.train.trainer import Trainer
 
     device = D.init_distributed(env, device_type, cfg.train.collective_timeout_s)
+    heartbeat = D.Heartbeat(env, cfg.train.collective_timeout_s).start()
+    trainer, resuming = None, True
     try:
-        # Every rank must load the same folder (or none): take rank 0's view of the shared file system.
-        resume = D.broadcast_object(resume)
+        resume = _verified_resume(plan, cfg, env)
+        resuming = False
         trainer = Trainer(cfg, env, device)
+        heartbeat.progress = lambda: trainer.step
         trainer.fit(resume)
         D.barrier()
-    finally:
-        D.shutdown_distributed()
+    except BaseException as err:
+        _exit_now(_report_failure(err, env, cfg, heartbeat, trainer, resuming))
+    heartbeat.stop()
+    D.shutdown_distributed()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Process-group start-up and the few collectives the trainer issues itself.
+"""Process-group start-up, the few collectives the trainer issues itself, and what a failed collective means.
 
 The entry layer (lasers_dist.cli.train) reads torchrun's or Slurm's environment into a `DistEnv`; nothing here
 reads environment variables. DeepSpeed's engine insists on finding LOCAL_RANK in the environment, which is why
@@ -7,8 +7,15 @@ the entry layer also exports the values it resolved.
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import socket
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -85,7 +92,18 @@ def init_distributed(env: DistEnv, device_type: str, timeout_s: float) -> torch.
         )
     # With a group already up, DeepSpeed only wraps it (no second rendezvous, no MPI discovery).
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
+    _bound_deepspeed_world_group(timeout)
     return device
+
+
+def _bound_deepspeed_world_group(timeout: timedelta) -> None:
+    """DeepSpeed reduces gradients (all ZeRO stages) over its own clone of the world group, which it creates
+    lazily with `dist.new_group(ranks)` and hence torch's default timeout (30 min for gloo, 10 for NCCL), not
+    ours. Create that clone ourselves, first, with our timeout, so its collectives are bounded too."""
+    from deepspeed.utils import groups
+
+    if getattr(groups, "_WORLD_GROUP", None) is None:
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
 
 
 def shutdown_distributed() -> None:
@@ -95,6 +113,10 @@ def shutdown_distributed() -> None:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def barrier() -> None:
@@ -119,3 +141,107 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: object) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---- a collective failed: which rank, and what to do ------------------------------------------------------
+
+_HEARTBEAT_KEY = "lasers_heartbeat/"
+# What gloo / NCCL / the TCP store say when the other end is gone, and when it stopped answering.
+_PEER_GONE = re.compile(r"connection (reset|closed) by peer|broken pipe|remote process exited|ncclRemoteError"
+                        r"|communicator was aborted", re.IGNORECASE)
+_TIMED_OUT = re.compile(r"timed out waiting|timed out after \d+ seconds waiting|collective operation timeout"
+                        r"|socket timeout|wait timeout", re.IGNORECASE)
+
+
+class Heartbeat:
+    """A daemon thread that writes this rank's wall time and step into the rendezvous store every few seconds.
+
+    Threads go on running while the main thread waits inside a collective, so when a collective times out, the
+    ranks whose heartbeat went quiet are the ones that stopped answering (SIGSTOP, hung in the kernel, a dead
+    node) and the others are alive but stuck elsewhere; `diagnose` says which, by rank, pid and host.
+    `progress` returns the rank's current step (read from this thread; an int read is atomic).
+    """
+
+    def __init__(self, env: DistEnv, timeout_s: float, progress: Callable[[], int] | None = None) -> None:
+        self.env, self.progress = env, progress
+        self.interval = min(5.0, max(0.5, timeout_s / 6))
+        # Quiet for this long = not answering; live ranks beat every `interval` even inside a collective.
+        self.quiet_after = max(3 * self.interval, min(timeout_s / 2, 60.0))
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lasers-heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _connect(self) -> dist.Store:
+        # Its own client of the job's store (torchrun's agent, or rank 0 under srun): never shares a socket with
+        # the process group's client, so a beat can not interleave with a collective's store traffic.
+        return dist.TCPStore(self.env.master_addr, self.env.master_port, is_master=False, wait_for_workers=False,
+                             timeout=timedelta(seconds=max(5.0, 2 * self.interval)))
+
+    def _step(self) -> int:
+        return int(self.progress()) if self.progress is not None else -1
+
+    def _run(self) -> None:
+        store, identity = None, {"host": socket.gethostname(), "pid": os.getpid()}
+        while not self._stopped.is_set():
+            try:
+                if store is None:
+                    store = self._connect()
+                beat = {"time": time.time(), "step": self._step(), **identity}
+                store.set(f"{_HEARTBEAT_KEY}{self.env.rank}", json.dumps(beat))
+            except Exception:  # the store is unreachable right now: try again at the next beat
+                store = None
+            self._stopped.wait(self.interval)
+
+    def diagnose(self) -> str:
+        """Which ranks went quiet, or lag behind this one, in words (reads every rank's last beat)."""
+        env = self.env
+        try:
+            store = self._connect()
+            beats = {r: json.loads(store.get(f"{_HEARTBEAT_KEY}{r}")) for r in range(env.world_size)
+                     if store.check([f"{_HEARTBEAT_KEY}{r}"])}
+        except Exception:
+            return (f"The job's rendezvous store at {env.master_addr}:{env.master_port} does not answer either: the "
+                    "process serving it (torchrun's agent, or rank 0 under srun) is stopped or gone.")
+        now, mine = time.time(), self._step()
+        quiet = [f"rank {r} (never reported)" for r in range(env.world_size) if r not in beats]
+        quiet += [f"rank {r} (pid {b['pid']} on {b['host']}, silent for {now - b['time']:.0f} s; last heard at "
+                  f"step {b['step']})" for r, b in sorted(beats.items()) if now - b["time"] > self.quiet_after]
+        if quiet:
+            return (f"{', '.join(quiet)} stopped answering: stopped (SIGSTOP, a debugger), hung in the kernel or on "
+                    "its device, or its node is down. Look at that rank's node and log.")
+        behind = sorted(r for r, b in beats.items() if b["step"] < mine)
+        if behind:
+            steps = ", ".join(f"rank {r} at step {beats[r]['step']}" for r in behind)
+            return (f"Every rank is alive, but {steps} while this rank reached step {mine}: stuck outside the "
+                    "collectives (reading data, a file system, a device). Look at those ranks' logs.")
+        return ("Every rank is alive and at the same step: one was slower than the timeout inside a collective "
+                "(a congested network, a very slow checkpoint write).")
+
+
+def describe_collective_failure(err: BaseException, heartbeat: Heartbeat | None, timeout_s: float) -> str | None:
+    """A plain account of `err` if it is a failed collective (a peer gone, or a timeout), else None."""
+    text = f"{type(err).__name__}: {err}"
+    if _PEER_GONE.search(text):
+        return ("another rank ended (it failed, or was killed) while this one waited for it in a collective; "
+                "that rank's own error is the one to read")
+    if isinstance(err, RuntimeError) and _TIMED_OUT.search(text):
+        detail = heartbeat.diagnose() if heartbeat is not None else ""
+        return (f"a collective did not complete within train.collective_timeout_s={timeout_s:g} s. {detail} "
+                "If the ranks legitimately need longer between collectives (e.g. very large checkpoints on a slow "
+                "file system), raise train.collective_timeout_s.")
+    return None
