@@ -133,6 +133,8 @@ def dist_env_from_environ(environ: Mapping[str, str]):
             local_world_size=num("LOCAL_WORLD_SIZE", world),
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=num("MASTER_PORT", DEFAULT_PORT),
+            restart_count=num("TORCHELASTIC_RESTART_COUNT", 0),
+            agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
         )
     if "SLURM_PROCID" in environ:
         node_counts = _expand_count_list(environ.get("SLURM_TASKS_PER_NODE", "1"))
@@ -287,7 +289,7 @@ def _report_failure(err: BaseException, env, cfg, heartbeat, trainer, resuming: 
     described = D.describe_collective_failure(err, heartbeat, cfg.train.collective_timeout_s)
     if described is not None:
         last = trainer.last_checkpoint if trainer is not None else None
-        say(f"rank {env.rank}: stopping: {described} When the cause is gone, resume with --resume auto "
+        say(f"rank {env.rank}: stopping: {described}. When the cause is gone, resume with --resume auto "
             f"(last good checkpoint: {last or 'none'}).")
         return EXIT_CRASH
     if not isinstance(err, CheckpointError):

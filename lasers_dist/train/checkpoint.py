@@ -408,7 +408,7 @@ def _write_failure(err: BaseException, name: str, root: Path, previous: Path | N
     full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or free < (1 << 20)
     cause = f"the file system is full (No space left on device; {free} bytes free)" if full else f"{err}"
     return CheckpointError(
-        f"rank {D.rank()}: writing checkpoint {name} into {root} failed: {cause}. The previous checkpoint "
+        f"writing checkpoint {name} into {root} failed: {cause}. The previous checkpoint "
         f"{previous or '(none)'} is intact and nothing was committed; free space there (or set another "
         "train.out_dir) and resume with --resume auto"
     )

@@ -31,6 +31,8 @@ class DistEnv:
     local_world_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    restart_count: int = 0  # torchrun's restarts of this job's workers so far (TORCHELASTIC_RESTART_COUNT)
+    agent_store: bool = False  # torchrun's agent serves the store at master_addr:master_port
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -79,12 +81,9 @@ def init_distributed(env: DistEnv, device_type: str, timeout_s: float) -> torch.
     backend = "nccl" if device_type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        # Explicit tcp:// rendezvous (not env://), so Slurm-launched ranks need no torchrun. Under torchrun the
-        # agent already serves a store on MASTER_ADDR:MASTER_PORT and torch connects to it as a client.
-        host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr
         dist.init_process_group(
             backend,
-            init_method=f"tcp://{host}:{env.master_port}",
+            store=rendezvous_store(env, timeout),
             rank=env.rank,
             world_size=env.world_size,
             timeout=timeout,
@@ -94,6 +93,19 @@ def init_distributed(env: DistEnv, device_type: str, timeout_s: float) -> torch.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
     _bound_deepspeed_world_group(timeout)
     return device
+
+
+def rendezvous_store(env: DistEnv, timeout: timedelta) -> dist.Store:
+    """The job's key-value store, seen through this launch attempt's own key prefix.
+
+    Our own TCP rendezvous (not env://), so Slurm-launched ranks need no torchrun: rank 0 serves the store, the
+    others connect. Under torchrun the agent already serves it on MASTER_ADDR:MASTER_PORT (env.agent_store) and
+    every rank is a client. The agent's store outlives the workers it restarts (--max-restarts): without the
+    prefix a restarted rank would read the addresses its predecessors published and connect to dead ports.
+    """
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
+                          is_master=env.rank == 0 and not env.agent_store, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"lasers/attempt-{env.restart_count}", store)
 
 
 def _bound_deepspeed_world_group(timeout: timedelta) -> None:
@@ -192,6 +204,9 @@ class Heartbeat:
         return dist.TCPStore(self.env.master_addr, self.env.master_port, is_master=False, wait_for_workers=False,
                              timeout=timedelta(seconds=max(5.0, 2 * self.interval)))
 
+    def _key(self, rank: int) -> str:
+        return f"{_HEARTBEAT_KEY}{self.env.restart_count}/{rank}"
+
     def _step(self) -> int:
         return int(self.progress()) if self.progress is not None else -1
 
@@ -202,7 +217,7 @@ class Heartbeat:
                 if store is None:
                     store = self._connect()
                 beat = {"time": time.time(), "step": self._step(), **identity}
-                store.set(f"{_HEARTBEAT_KEY}{self.env.rank}", json.dumps(beat))
+                store.set(self._key(self.env.rank), json.dumps(beat))
             except Exception:  # the store is unreachable right now: try again at the next beat
                 store = None
             self._stopped.wait(self.interval)
@@ -212,8 +227,8 @@ class Heartbeat:
         env = self.env
         try:
             store = self._connect()
-            beats = {r: json.loads(store.get(f"{_HEARTBEAT_KEY}{r}")) for r in range(env.world_size)
-                     if store.check([f"{_HEARTBEAT_KEY}{r}"])}
+            beats = {r: json.loads(store.get(self._key(r))) for r in range(env.world_size)
+                     if store.check([self._key(r)])}
         except Exception:
             return (f"The job's rendezvous store at {env.master_addr}:{env.master_port} does not answer either: the "
                     "process serving it (torchrun's agent, or rank 0 under srun) is stopped or gone.")
@@ -243,5 +258,5 @@ def describe_collective_failure(err: BaseException, heartbeat: Heartbeat | None,
         detail = heartbeat.diagnose() if heartbeat is not None else ""
         return (f"a collective did not complete within train.collective_timeout_s={timeout_s:g} s. {detail} "
                 "If the ranks legitimately need longer between collectives (e.g. very large checkpoints on a slow "
-                "file system), raise train.collective_timeout_s.")
+                "file system), raise train.collective_timeout_s")
     return None

@@ -263,6 +263,7 @@ class Trainer:
                 if outcome.skipped:
                     log.message(f"lasers-train: step {step} skipped: {outcome.reason} ({self.bad_in_a_row} in a row; "
                                 f"train.max_bad_steps={t.max_bad_steps})")
+                    self._stop_if_diverged(outcome)
                 if step == t.stop_at_step:
                     stop.request()
                 stopping = stop.should_stop(self.device) and not last
@@ -282,12 +283,14 @@ class Trainer:
         return TrainResult(self.step, stopped, reason, self.last_checkpoint)
 
     def _count(self, outcome: StepOutcome) -> None:
-        """Skipped-step bookkeeping (identical on every rank: the verdict is agreed); diverged -> raise."""
-        if not outcome.skipped:
+        """Skipped-step bookkeeping, identical on every rank (the verdict is agreed)."""
+        if outcome.skipped:
+            self.skipped_steps += 1
+            self.bad_in_a_row += 1
+        else:
             self.bad_in_a_row = 0
-            return
-        self.skipped_steps += 1
-        self.bad_in_a_row += 1
+
+    def _stop_if_diverged(self, outcome: StepOutcome) -> None:
         if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
             raise TrainingDiverged(
                 f"diverged at step {self.step}: {outcome.reason}, {self.bad_in_a_row} steps in a row (each skipped, "
