@@ -207,9 +207,9 @@ def test_exception_on_one_rank_ends_the_job_promptly(tmp_path_factory, tmp_path)
 
 
 def test_stopped_rank_is_named_within_the_collective_timeout(tmp_path_factory, tmp_path):
-    """SIGSTOP on rank 1: rank 0 gives up after train.collective_timeout_s with a message naming rank 1 and what
-    to do. (torchrun then kills the stopped rank after its own shutdown timeout; here it is continued instead, and
-    ends by itself.)"""
+    """SIGSTOP on rank 1: rank 0 warns that rank 1 went quiet, then gives up after train.collective_timeout_s with a
+    message naming rank 1 and what to do. (torchrun would kill the stopped rank after its own shutdown timeout;
+    here it is continued instead, and ends by itself.)"""
     out = tmp_path / "run"
     timeout = 10
     cfg = base_config(tmp_path_factory, out, train={"max_steps": 100_000, "checkpoint_every": 100_000,
@@ -231,6 +231,9 @@ def test_stopped_rank_is_named_within_the_collective_timeout(tmp_path_factory, t
     message = next(line for line in output.splitlines() if "lasers-train: rank 0: stopping:" in line)
     assert f"train.collective_timeout_s={timeout} s" in message
     assert f"rank 1 (pid {rank1.pid}" in message and "stopped answering" in message and "--resume auto" in message
+    # Named before the timeout too, by the rank that watches rank 1's heartbeat (what NCCL users see in the log
+    # when NCCL's watchdog ends the waiting ranks itself).
+    assert f"lasers-train: rank 0: warning: rank 1 (pid {rank1.pid} on" in output
     assert leftover_processes(str(tmp_path)) == []
     report("SIGSTOP on rank 1", collective_timeout_s=float(timeout), stop_to_message_s=named - stopped,
            continue_to_job_exit_s=ended - named)

@@ -331,7 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lasers_dist.train.trainer import Trainer
 
     device = D.init_distributed(env, device_type, cfg.train.collective_timeout_s)
-    heartbeat = D.Heartbeat(env, cfg.train.collective_timeout_s).start()
+    def warn_any_rank(text: str) -> None:
+        print(f"lasers-train: rank {env.rank}: warning: {text}", file=sys.stderr, flush=True)
+
+    heartbeat = D.Heartbeat(env, cfg.train.collective_timeout_s, warn=warn_any_rank).start()
     trainer, resuming = None, True
     try:
         resume = _verified_resume(plan, cfg, env)

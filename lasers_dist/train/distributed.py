@@ -179,12 +179,15 @@ class Heartbeat:
 
     Threads go on running while the main thread waits inside a collective, so when a collective times out, the
     ranks whose heartbeat went quiet are the ones that stopped answering (SIGSTOP, hung in the kernel, a dead
-    node) and the others are alive but stuck elsewhere; `diagnose` says which, by rank, pid and host.
+    node) and the others are alive but stuck elsewhere; `diagnose` says which, by rank, pid and host. Each rank
+    also watches the next one's heartbeat and calls `warn` once when it goes quiet: the name then reaches the log
+    even where the backend ends the process at the timeout itself (NCCL's watchdog).
     `progress` returns the rank's current step (read from this thread; an int read is atomic).
     """
 
-    def __init__(self, env: DistEnv, timeout_s: float, progress: Callable[[], int] | None = None) -> None:
-        self.env, self.progress = env, progress
+    def __init__(self, env: DistEnv, timeout_s: float, progress: Callable[[], int] | None = None,
+                 warn: Callable[[str], None] | None = None) -> None:
+        self.env, self.progress, self.warn, self.timeout_s = env, progress, warn, timeout_s
         self.interval = min(5.0, max(0.5, timeout_s / 6))
         # Quiet for this long = not answering; live ranks beat every `interval` even inside a collective.
         self.quiet_after = max(3 * self.interval, min(timeout_s / 2, 60.0))
@@ -196,7 +199,9 @@ class Heartbeat:
         return self
 
     def stop(self) -> None:
+        """Stop beating, after a last beat that tells the watching rank this one ended on purpose."""
         self._stopped.set()
+        self._thread.join(timeout=2 * self.interval + 5)
 
     def _connect(self) -> dist.Store:
         # Its own client of the job's store (torchrun's agent, or rank 0 under srun): never shares a socket with
@@ -211,16 +216,34 @@ class Heartbeat:
         return int(self.progress()) if self.progress is not None else -1
 
     def _run(self) -> None:
-        store, identity = None, {"host": socket.gethostname(), "pid": os.getpid()}
-        while not self._stopped.is_set():
+        store, identity, warned = None, {"host": socket.gethostname(), "pid": os.getpid()}, False
+        while True:
+            done = self._stopped.is_set()
             try:
                 if store is None:
                     store = self._connect()
-                beat = {"time": time.time(), "step": self._step(), **identity}
+                beat = {"time": time.time(), "step": self._step(), "done": done, **identity}
                 store.set(self._key(self.env.rank), json.dumps(beat))
+                warned = self._watch_next(store, warned)
             except Exception:  # the store is unreachable right now: try again at the next beat
                 store = None
+            if done:
+                return
             self._stopped.wait(self.interval)
+
+    def _watch_next(self, store: dist.Store, warned: bool) -> bool:
+        """Warn once (per silence) when the next rank's heartbeat goes quiet; returns whether it is quiet."""
+        watched = (self.env.rank + 1) % self.env.world_size
+        if watched == self.env.rank or self.warn is None or not store.check([self._key(watched)]):
+            return False
+        beat = json.loads(store.get(self._key(watched)))
+        quiet = not beat.get("done") and time.time() - beat["time"] > self.quiet_after
+        if quiet and not warned:
+            self.warn(f"rank {watched} (pid {beat['pid']} on {beat['host']}) has not answered for "
+                      f"{time.time() - beat['time']:.0f} s (last heard at step {beat['step']}): it is stopped "
+                      "(SIGSTOP, a debugger), hung in the kernel or on its device, or its node is down; collectives "
+                      f"waiting for it fail after train.collective_timeout_s={self.timeout_s:g} s")
+        return quiet
 
     def diagnose(self) -> str:
         """Which ranks went quiet, or lag behind this one, in words (reads every rank's last beat)."""
@@ -235,7 +258,8 @@ class Heartbeat:
         now, mine = time.time(), self._step()
         quiet = [f"rank {r} (never reported)" for r in range(env.world_size) if r not in beats]
         quiet += [f"rank {r} (pid {b['pid']} on {b['host']}, silent for {now - b['time']:.0f} s; last heard at "
-                  f"step {b['step']})" for r, b in sorted(beats.items()) if now - b["time"] > self.quiet_after]
+                  f"step {b['step']})" for r, b in sorted(beats.items())
+                  if not b.get("done") and now - b["time"] > self.quiet_after]
         if quiet:
             return (f"{', '.join(quiet)} stopped answering: stopped (SIGSTOP, a debugger), hung in the kernel or on "
                     "its device, or its node is down. Look at that rank's node and log.")
