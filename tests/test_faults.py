@@ -93,6 +93,18 @@ class Launch:
             self.proc.wait()
         self._handle.close()
 
+    @classmethod
+    def through(cls, cmd: list[str], log: Path, *texts: str) -> tuple[Launch, list[float]]:
+        """Run a job to its end, noting when each of `texts` first appears in its output (in this order).
+        Returns the job and those times followed by the time it ended."""
+        job = cls(cmd, log)
+        try:
+            times = [job.wait_for_text(text) for text in texts]
+            times.append(job.finish())
+        finally:
+            job.close()
+        return job, times
+
 
 def leftover_processes(marker: str) -> list[str]:
     """Processes (ranks or their DataLoader workers) still running a command line containing `marker`."""
@@ -157,13 +169,8 @@ def test_divergence_is_skipped_then_stops_with_a_plain_message(tmp_path_factory,
     out = tmp_path / "run"
     cfg = base_config(tmp_path_factory, out, optim={"lr": "1e5", "disc_lr": "1e5"},
                       train={"max_steps": 50, "checkpoint_every": 1, "keep_checkpoints": 50})
-    job = Launch(train_cli(2, write_config(tmp_path / "cfg.yaml", cfg)), tmp_path / "log.txt")
-    try:
-        first_skip = job.wait_for_text("skipped: ")
-        said = job.wait_for_text("training diverged at step")
-        ended = job.finish()
-    finally:
-        job.close()
+    job, (first_skip, said, ended) = Launch.through(train_cli(2, write_config(tmp_path / "cfg.yaml", cfg)),
+                                                   tmp_path / "log.txt", "skipped: ", "training diverged at step")
     output = job.output()
     assert job.proc.returncode != 0
     assert "exitcode  : 3" in output  # each rank's own exit code, in torchrun's summary
@@ -190,12 +197,7 @@ def test_exception_on_one_rank_ends_the_job_promptly(tmp_path_factory, tmp_path)
     config = write_config(tmp_path / "cfg.yaml", cfg)
     cmd = torchrun_command(2, str(REPO / "tests" / "fault_driver.py"), "--fault-rank", "1", "--fault-step", "3",
                            "--", "--config", str(config))
-    job = Launch(cmd, tmp_path / "log.txt")
-    try:
-        raised = job.wait_for_text("lasers-train: rank 1: error: RuntimeError: injected fault")
-        ended = job.finish()
-    finally:
-        job.close()
+    job, (raised, ended) = Launch.through(cmd, tmp_path / "log.txt", "lasers-train: rank 1: error: RuntimeError")
     output = job.output()
     assert job.proc.returncode != 0
     assert output.count("lasers-train: rank 1: error: RuntimeError: injected fault on rank 1 at step 3") == 1
@@ -259,6 +261,7 @@ def test_kill_during_save_then_torchrun_restart_resumes_bit_identical(reference,
         rank0.wait(30)
         # Killed in the middle of the save: an uncommitted folder, and no step 4.
         assert tmp.is_dir() and not (out / "checkpoints" / ckpt.step_name(4)).exists()
+        other_ended = job.wait_for_text("lasers-train: rank 1: stopping: another rank ended")
         resumed = job.wait_for_text(f"resumed from {out / 'checkpoints' / ckpt.step_name(2)}")
         ended = job.finish()
     finally:
@@ -266,8 +269,8 @@ def test_kill_during_save_then_torchrun_restart_resumes_bit_identical(reference,
     assert job.proc.returncode == 0, job.output()[-4000:]
     assert json.loads((out / "status.json").read_text())["state"] == "finished"
     assert_same_run(out, reference["out"])
-    report("kill -9 of rank 0 during a save, torchrun --max-restarts 1", kill_to_resumed_s=resumed - killed,
-           kill_to_finished_s=ended - killed)
+    report("kill -9 of rank 0 during a save, torchrun --max-restarts 1", kill_to_rank_1_exit_s=other_ended - killed,
+           kill_to_resumed_s=resumed - killed, kill_to_finished_s=ended - killed)
 
 
 # ---- damaged checkpoints ----------------------------------------------------------------------------------------
@@ -425,12 +428,14 @@ def test_nonfinite_steps_are_skipped_on_every_rank(tmp_path_factory, tmp_path):
             assert not good_last["skipped"] and good_last["changed"]["weights"], name
             assert good_last["changed"]["schedule"], name  # the schedule moves on applied steps only
             nan_batch, nan_grad = steps["nan_batch_on_rank_1"], steps["nan_grad_on_rank_1"]
-            assert nan_batch["skipped"] and nan_batch["reason"] == "the latents before sparse coding were NaN or Inf on rank 1"
+            assert nan_batch["skipped"], name
+            assert nan_batch["reason"] == "the latents before sparse coding were NaN or Inf on rank 1", name
             assert nan_grad["skipped"] and "gradients were NaN or Inf" in nan_grad["reason"], (name, nan_grad["reason"])
             assert nan_batch["changed"] == nothing and nan_grad["changed"] == nothing, name
             assert all(s["weights_finite"] for s in result[name]["steps"]), name
             assert result[name]["group_timeout_s"] == 60.0, name
-        assert [s["weights_sum"] for s in ranks[0][name]["steps"]] == [s["weights_sum"] for s in ranks[1][name]["steps"]]
+        sums = [[s["weights_sum"] for s in result[name]["steps"]] for result in ranks]
+        assert sums[0] == sums[1], name  # identical weights on both ranks after every step
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------------

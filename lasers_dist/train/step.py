@@ -166,7 +166,9 @@ def _restore_forward_state(saved: list[tuple[nn.Module, dict[str, Tensor]]]) -> 
 
 
 def _skippable(engine: Any) -> Any:
-    optimizer = engine.client_optimizer
+    # A DeepSpeed engine keeps the optimizer it was given as client_optimizer (its .optimizer is a ZeRO / bf16
+    # wrapper around it); a bare engine stand-in (kernels/bench_step.py) has just .optimizer.
+    optimizer = getattr(engine, "client_optimizer", None) or engine.optimizer
     if not hasattr(optimizer, "skip_update"):
         raise TypeError(f"{type(optimizer).__name__} cannot skip a non-finite step: build the engines with "
                         "train.engines.build_engines (SkippableAdamW)")
@@ -182,7 +184,8 @@ def _step_engine(engine: Any, skip: bool) -> bool:
         engine.step()
     finally:
         optimizer.skip_update = False
-    return not skip and engine.was_step_applied() and not optimizer.skipped_last_update
+    engine_applied = engine.was_step_applied() if hasattr(engine, "was_step_applied") else True
+    return not skip and engine_applied and not optimizer.skipped_last_update
 
 
 def agree_nonfinite(found: Tensor) -> str:
