@@ -322,10 +322,15 @@ def checkpoint_problems_collective(folder: str | Path) -> list[str]:
     """`checkpoint_problems` with hashes, the reading split over the ranks (a collective; every rank gets the same
     answer). Rank 0's view of meta.json decides what is checked."""
     folder = Path(folder)
-    try:
-        meta = D.broadcast_object(read_meta(folder) if D.rank() == 0 else None)
-    except CheckpointError as err:
-        return [str(err)]
+    meta_or_problem: dict[str, Any] | str | None = None
+    if D.rank() == 0:
+        try:
+            meta_or_problem = read_meta(folder)
+        except CheckpointError as err:
+            meta_or_problem = str(err)
+    meta = D.broadcast_object(meta_or_problem)
+    if isinstance(meta, str):
+        return [meta]
     names = sorted(meta.get("files") or {})
     mine = file_problems(folder, meta, True, names[D.rank()::D.world_size()])
     return sorted(p for part in D.all_gather_object(mine) for p in part)
@@ -345,12 +350,10 @@ def _usable(folder: Path, problems: list[str], explicit: bool, warn: Callable[[s
     return False
 
 
-def first_intact(candidates: list[Path], explicit: bool, warn: Callable[[str], None]) -> list[Path]:
-    """The candidates from the first whose files have their recorded sizes (no hashing: cheap enough for every
-    rank before the process group starts). A damaged explicit checkpoint raises; otherwise it is skipped with a
-    warning. All damaged: a CheckpointError naming them (never a silent fresh start)."""
+def _usable_from(candidates: list[Path], explicit: bool, warn: Callable[[str], None],
+                 find_problems: Callable[[Path], list[str]]) -> list[Path]:
     for index, folder in enumerate(candidates):
-        if _usable(folder, checkpoint_problems(folder), explicit, warn):
+        if _usable(folder, find_problems(folder), explicit, warn):
             return candidates[index:]
     if candidates:
         raise CheckpointError(f"every checkpoint is damaged ({', '.join(str(c) for c in candidates)}): move them "
@@ -358,16 +361,18 @@ def first_intact(candidates: list[Path], explicit: bool, warn: Callable[[str], N
     return []
 
 
+def first_intact(candidates: list[Path], explicit: bool, warn: Callable[[str], None]) -> list[Path]:
+    """The candidates from the first whose files have their recorded sizes (no hashing: cheap enough for every
+    rank before the process group starts). A damaged explicit checkpoint raises; otherwise it is skipped with a
+    warning. All damaged: a CheckpointError naming them (never a silent fresh start)."""
+    return _usable_from(candidates, explicit, warn, checkpoint_problems)
+
+
 def first_verified(candidates: list[Path], explicit: bool, warn: Callable[[str], None]) -> Path | None:
     """The first candidate whose files all match their recorded sizes and hashes (a collective: every rank must
     call it with the same list; the hashing is split over the ranks). Damage is handled as in `first_intact`."""
-    for folder in candidates:
-        if _usable(folder, checkpoint_problems_collective(folder), explicit, warn):
-            return folder
-    if candidates:
-        raise CheckpointError(f"every checkpoint is damaged ({', '.join(str(c) for c in candidates)}): move them "
-                              "away to start afresh, or repair the file system")
-    return None
+    usable = _usable_from(candidates, explicit, warn, checkpoint_problems_collective)
+    return usable[0] if usable else None
 
 
 # ---- save and load -------------------------------------------------------------------------------------------
