@@ -328,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines would drown the progress bar
 
     from lasers_dist.train import distributed as D
-    from lasers_dist.train.trainer import Trainer
+    from lasers_dist.train.trainer import Trainer, stop_signals_held
 
     device = D.init_distributed(env, device_type, cfg.train.collective_timeout_s)
     def warn_any_rank(text: str) -> None:
@@ -344,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer.fit(resume)
         D.barrier()
     except BaseException as err:
-        _exit_now(_report_failure(err, env, cfg, heartbeat, trainer, resuming))
+        with stop_signals_held():  # say why before torchrun's SIGTERM (sent once a worker failed) can end us
+            _exit_now(_report_failure(err, env, cfg, heartbeat, trainer, resuming))
     heartbeat.stop()
     D.shutdown_distributed()
     return 0

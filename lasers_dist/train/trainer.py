@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -36,7 +39,7 @@ from lasers_dist.train import distributed as D
 from lasers_dist.train.distributed import DistEnv
 from lasers_dist.train.engines import Engines, build_engines
 from lasers_dist.train.metrics import MetricAccumulator, MetricsLog, psnr
-from lasers_dist.train.signals import StopFlag
+from lasers_dist.train.signals import STOP_SIGNALS, StopFlag
 from lasers_dist.train.step import StepOutcome, train_step
 
 
@@ -75,6 +78,25 @@ def failure_reason(err: BaseException) -> str:
     described = D.describe_collective_failure(err, None, 0)
     text = described or f"{type(err).__name__}: {err}"
     return " ".join(text.split())[:500]
+
+
+@contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """SIGTERM / SIGUSR1 ignored inside the block (main thread only; a no-op elsewhere).
+
+    For a rank that is failing: once one worker has failed, torchrun sends SIGTERM to the others, which may be
+    failing too (their collectives broke); the default action would end them before they say why and write
+    status "failed". They exit by themselves a moment later.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def seed_everything(seed: int) -> None:
@@ -213,7 +235,9 @@ class Trainer:
                 log.message(f"lasers-train: resumed from {resume} at step {self.step}")
             return self._loop(log)
         except BaseException as err:
-            self._write_status("failed", failure_reason(err), self.last_checkpoint)
+            with stop_signals_held():
+                self._write_status("failed", failure_reason(err), self.last_checkpoint)
+                self.close()
             raise
         finally:
             self.close()
