@@ -212,9 +212,13 @@ class ResumePlan:
     explicit: bool
 
 
-def _warner(rank: int):
+def _warner(rank: int, own: bool = False):
+    """A warning printer: for what every rank finds alike, said once by rank 0; own=True: this rank's own finding,
+    said by it, with its rank."""
     def warn(text: str) -> None:
-        if rank == 0:  # every rank finds the same: say it once
+        if own:
+            print(f"lasers-train: rank {rank}: warning: {text}", file=sys.stderr, flush=True)
+        elif rank == 0:
             print(f"lasers-train: warning: {text}", file=sys.stderr, flush=True)
 
     return warn
@@ -327,14 +331,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines would drown the progress bar
 
+    return _train(cfg, env, plan, device_type)
+
+
+def _train(cfg, env, plan: ResumePlan | None, device_type: str) -> int:
+    """Start the process group, verify the checkpoint to resume from, train. Any error on this rank: report it
+    once and exit at once (never returns then)."""
     from lasers_dist.train import distributed as D
     from lasers_dist.train.trainer import Trainer, stop_signals_held
 
     device = D.init_distributed(env, device_type, cfg.train.collective_timeout_s)
-    def warn_any_rank(text: str) -> None:
-        print(f"lasers-train: rank {env.rank}: warning: {text}", file=sys.stderr, flush=True)
-
-    heartbeat = D.Heartbeat(env, cfg.train.collective_timeout_s, warn=warn_any_rank).start()
+    heartbeat = D.Heartbeat(env, cfg.train.collective_timeout_s, warn=_warner(env.rank, own=True)).start()
     trainer, resuming = None, True
     try:
         resume = _verified_resume(plan, cfg, env)
