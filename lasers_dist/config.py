@@ -1,7 +1,9 @@
 """Experiment configuration: YAML files -> typed dataclasses.
 
 Every section is a dataclass; unknown keys, wrong types and values outside a field's choices are errors that
-name the dotted key and what is allowed. `validate` checks the combinations that only make sense together
+name the dotted key, the value given and what is allowed. Numbers are read as people write them: `3e-4` and `1E4`
+(strings to YAML 1.1) wherever a number is expected, ints where a float is expected, whole floats (`2.0`) where an
+int is expected; bools, non-finite values and fractions for ints are refused. `validate` checks the combinations that only make sense together
 (sparsity vs atoms, patch vs latent map, batch vs world size, shards on disk) so a bad run fails before any
 process group starts.
 """
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +111,8 @@ class TrainConfig:
     val_batches: int = 4
     keep_checkpoints: int = 3
     precision: str = _choice("fp32", "fp32", "bf16")
-    collective_timeout_s: float = 600.0
+    collective_timeout_s: float = 600.0  # every collective gives up after this long (a rank stopped answering)
+    max_bad_steps: int = 3  # non-finite steps in a row (each skipped) before the run stops as diverged
     stop_at_step: int = 0  # (trainer) stop early after this step as if signalled: save, exit resumable; 0 = off
     stop_file: str = ""  # a file whose appearance stops the run gracefully at the next step; "" = out_dir/STOP
 
@@ -132,20 +137,45 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp)
 
 
+# A decimal number as people write it, exponent included: 3e-4, 1E4, -2.5, .5, 1.0e+3. PyYAML (YAML 1.1) reads
+# exponent notation without a dot ("3e-4") as a string, which is how most learning rates are written.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _given(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _as_number(key: str, value: Any, tp: type) -> Any:
+    """A float or int field's value: numbers, and strings that spell a decimal number (exponent notation
+    included); whole floats such as 2.0 or 1e4 for ints. Bools and non-finite values are refused."""
+    number = value
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        number = float(value)
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {_given(value)}")
+    if not math.isfinite(number):
+        raise ConfigError(f"config key '{key}': expected a finite {tp.__name__}, got {_given(value)}")
+    if tp is float:
+        return float(number)
+    if isinstance(number, float) and not number.is_integer():
+        raise ConfigError(f"config key '{key}': expected int, got {_given(value)} (not a whole number)")
+    return int(number)
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotated type `tp`; ints widen to float, nothing else is converted."""
+    """Check `value` against the annotated type `tp`. Numbers are read as described in `_as_number`; nothing
+    else is converted."""
     origin = typing.get_origin(tp)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}': expected a list of {_type_name(item_tp)}, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
-        raise ConfigError(
-            f"config key '{key}': expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
-        )
+    if tp in (int, float):
+        return _as_number(key, value, tp)
+    if not isinstance(value, tp):
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {_given(value)}")
     return value
 
 
@@ -324,7 +354,7 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
             f"train.batch_size={t.batch_size} must be a positive multiple of world size ({world_size}) x "
             f"optim.grad_accum_steps ({cfg.optim.grad_accum_steps})"
         )
-    for name in ("max_steps", "checkpoint_every", "log_every", "keep_checkpoints"):
+    for name in ("max_steps", "checkpoint_every", "log_every", "keep_checkpoints", "max_bad_steps"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if check_files:

@@ -156,7 +156,8 @@ def test_deepspeed_config_sets_clipping_and_batches():
     batches = (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"])
     assert batches == (32, 4, 2)
     assert ds["zero_allow_untested_optimizer"] is True
-    assert ds["bf16"] == {"enabled": False}
+    assert ds["bf16"] == {"enabled": False, "check_grad_overflow": True}  # skips non-finite steps (train/step.py)
+    assert ds["zero_optimization"]["compute_grad_norm"] is True
 
 
 def test_deepspeed_file_contradicting_our_config(tmp_path):
@@ -166,7 +167,8 @@ def test_deepspeed_file_contradicting_our_config(tmp_path):
     with pytest.raises(ConfigError, match="zero_optimization.stage"):
         deepspeed_config(cfg, world_size=1)
     cfg = config_from_dict({"deepspeed": {"zero_stage": 2, "config_file": str(path)}})
-    assert deepspeed_config(cfg, world_size=1)["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    merged = deepspeed_config(cfg, world_size=1)["zero_optimization"]
+    assert merged == {"stage": 2, "overlap_comm": True, "compute_grad_norm": True}
     path.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     with pytest.raises(ConfigError, match="optimizer"):
         deepspeed_config(cfg, world_size=1)

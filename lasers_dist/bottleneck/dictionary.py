@@ -57,6 +57,18 @@ def from_signals(rows: Tensor, batch: int, channels: int, grid: tuple[int, int],
     return z.reshape(batch, channels, grid_h * patch_h, grid_w * patch_w)
 
 
+def finite_rows(signals: Tensor) -> Tensor:
+    """(N, dim) -> the same with every row set to zero whose squared norm is not finite (no host sync): rows
+    holding NaN / Inf, and rows so large (|x| beyond ~1e19 in fp32) that sparse coding's products would overflow.
+
+    A diverging encoder must not crash sparse coding (batch_omp refuses non-finite rows, and overflowing ones
+    select garbage atoms) nor poison the state a training forward updates (online statistics, revival
+    candidates): such rows get empty codes, z_e itself still reaches the loss, which is then not finite, and the
+    trainer skips the step (lasers_dist.train.step).
+    """
+    return signals.masked_fill(~torch.isfinite(signals.square().sum(dim=1, keepdim=True)), 0.0)
+
+
 def codes_to_grid(values: Tensor, batch: int, grid: tuple[int, int]) -> Tensor:
     """(B H' W', S) -> (B, S, H', W')."""
     return values.reshape(batch, grid[0], grid[1], -1).permute(0, 3, 1, 2)
@@ -152,7 +164,8 @@ class DictionaryBottleneck(nn.Module):
         grid = self._check_latents(z_e)
         signals = to_signals(z_e, self.patch_size).float()  # (N, code_dim), still attached to the encoder
         atoms = self.unit_atoms()
-        codes = batch_omp(signals.detach(), atoms.detach(), self.sparsity, backend=self.omp_backend)
+        coded = finite_rows(signals.detach())
+        codes = batch_omp(coded, atoms.detach(), self.sparsity, backend=self.omp_backend)
         z_hat = codes.reconstruct(atoms)  # (N, code_dim), gradient flows into the dictionary only
         loss = F.mse_loss(z_hat, signals.detach()) + self.beta * F.mse_loss(signals, z_hat.detach())
         z_hat_map = from_signals(z_hat.detach(), z_e.shape[0], self.embed_dim, grid, self.patch_size)
@@ -161,7 +174,7 @@ class DictionaryBottleneck(nn.Module):
         coeffs = codes_to_grid(codes.coeffs, z_e.shape[0], grid)
         info = usage_info(indices, coeffs, self.num_atoms, reduce=self.training)
         if self.training:
-            self._training_step(signals.detach(), codes.indices, codes.coeffs, info.usage)
+            self._training_step(coded, codes.indices, codes.coeffs, info.usage)
         return z_q, loss, info
 
     @torch.no_grad()

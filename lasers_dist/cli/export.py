@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out = export_pretrained(args.source, args.out, with_discriminator=args.with_discriminator)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError) as err:  # CheckpointError (damaged, not safetensors) is a ValueError
         print(f"lasers-export: {err}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

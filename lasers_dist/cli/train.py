@@ -12,7 +12,10 @@ seconds with exit code 2 instead of hanging in a rendezvous.
 
 Exit codes: 0 when the run finished or stopped early on SIGTERM / SIGUSR1 or the stop file (then it logs
 "stopped early", writes out_dir/status.json with "state": "stopped", and `--resume auto` continues it); 2 for a
-bad configuration; anything else is a crash.
+bad configuration or checkpoint request (a damaged checkpoint named explicitly); 3 when training diverged
+(train.max_bad_steps non-finite steps in a row; status "failed", reason "diverged ..."); 1 for any other crash
+(status "failed"). A failing rank prints why once, shuts its data workers down and exits at once; under torchrun
+the job's exit code is torchrun's own (1), and the worker's code appears in its error summary.
 
 `--check` runs only those checks and prints the resolved config (YAML, with the run directory, stop file and
 resume decision in a comment): the Slurm scripts call it in the batch shell, so a bad config fails in seconds
@@ -32,7 +35,9 @@ import re
 import socket
 import subprocess
 import sys
+import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -40,7 +45,10 @@ from lasers_dist.config import ConfigError, load_config, validate
 from lasers_dist.train.checkpoint import CheckpointError
 
 DEFAULT_PORT = 29500
-EXIT_CONFIG = 2
+EXIT_CRASH = 1
+EXIT_CONFIG = 2  # a bad config or checkpoint request
+EXIT_DIVERGED = 3  # train.max_bad_steps non-finite steps in a row
+EXIT_INTERRUPTED = 130
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -140,6 +148,8 @@ def dist_env_from_environ(environ: Mapping[str, str]):
             local_world_size=num("LOCAL_WORLD_SIZE", world),
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=num("MASTER_PORT", DEFAULT_PORT),
+            restart_count=num("TORCHELASTIC_RESTART_COUNT", 0),
+            agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
         )
     if "SLURM_PROCID" in environ:
         node_counts = _expand_count_list(environ.get("SLURM_TASKS_PER_NODE", "1"))
@@ -227,8 +237,30 @@ def _check_buildable(cfg) -> None:
             )
 
 
+@dataclass
+class ResumePlan:
+    """Checkpoints to resume from, newest first, whose files have their recorded sizes; after the process group
+    starts, the first whose hashes also match is taken (explicit: a damaged one is an error, not skipped)."""
+
+    candidates: list[Path]
+    explicit: bool
+
+
+def _warner(rank: int, own: bool = False):
+    """A warning printer: for what every rank finds alike, said once by rank 0; own=True: this rank's own finding,
+    said by it, with its rank."""
+    def warn(text: str) -> None:
+        if own:
+            print(f"lasers-train: rank {rank}: warning: {text}", file=sys.stderr, flush=True)
+        elif rank == 0:
+            print(f"lasers-train: warning: {text}", file=sys.stderr, flush=True)
+
+    return warn
+
+
 def preflight(args: argparse.Namespace, environ: Mapping[str, str]):
-    """Config, environment and resume checks that need no process group. Returns (cfg, env, resume folder)."""
+    """Config, environment and resume checks that need no process group. Returns (cfg, env, ResumePlan or None
+    for a fresh start)."""
     from lasers_dist.train import checkpoint as ckpt
     from lasers_dist.train.engines import deepspeed_config
 
@@ -238,20 +270,79 @@ def preflight(args: argparse.Namespace, environ: Mapping[str, str]):
     deepspeed_config(cfg, env.world_size)  # the JSON file's keys against ours
     _check_buildable(cfg)
     checkpoints = Path(cfg.train.out_dir) / "checkpoints"
-    resume = None
-    if args.resume is not None:
-        resume = ckpt.resolve_resume(args.resume, checkpoints)
-    elif ckpt.list_checkpoints(checkpoints):
-        raise ConfigError(
-            f"train.out_dir={cfg.train.out_dir} already holds checkpoints: pass --resume auto to continue that run, "
-            "or choose another train.out_dir"
-        )
-    if resume is not None:
-        ckpt.check_resume_compatible(
-            ckpt.read_meta(resume), env.world_size, cfg.data.mode, cfg.deepspeed.zero_stage, resume,
-            cfg.train.precision,
-        )
-    return cfg, env, resume
+    if args.resume is None:
+        if ckpt.list_checkpoints(checkpoints):
+            raise ConfigError(
+                f"train.out_dir={cfg.train.out_dir} already holds checkpoints: pass --resume auto to continue that "
+                "run, or choose another train.out_dir"
+            )
+        return cfg, env, None
+    candidates, explicit = ckpt.resume_candidates(args.resume, checkpoints)
+    candidates = ckpt.first_intact(candidates, explicit, _warner(env.rank))
+    if not candidates:
+        return cfg, env, None
+    ckpt.check_resume_compatible(
+        ckpt.read_meta(candidates[0]), env.world_size, cfg.data.mode, cfg.deepspeed.zero_stage, candidates[0],
+        cfg.train.precision,
+    )
+    return cfg, env, ResumePlan(candidates, explicit)
+
+
+def _verified_resume(plan: ResumePlan | None, cfg, env) -> Path | None:
+    """The checkpoint every rank resumes from: rank 0's candidates, hashes checked by all ranks together."""
+    from lasers_dist.train import checkpoint as ckpt
+    from lasers_dist.train import distributed as D
+
+    plan = D.broadcast_object(plan)  # every rank must load the same folder: rank 0's view of the file system
+    if plan is None:
+        return None
+    folder = ckpt.first_verified(plan.candidates, plan.explicit, _warner(env.rank))
+    ckpt.check_resume_compatible(ckpt.read_meta(folder), env.world_size, cfg.data.mode, cfg.deepspeed.zero_stage,
+                                 folder, cfg.train.precision)
+    return folder
+
+
+def _report_failure(err: BaseException, env, cfg, heartbeat, trainer, resuming: bool) -> int:
+    """Say once, in words, why this rank stops; return its exit code. Errors every rank meets alike (divergence, a
+    damaged checkpoint) are printed by rank 0; a failed collective is explained (which rank went quiet) rather than
+    traced; anything unexpected gets its traceback."""
+    from lasers_dist.train import distributed as D
+    from lasers_dist.train.checkpoint import CheckpointError
+    from lasers_dist.train.trainer import TrainingDiverged
+
+    def say(text: str) -> None:
+        print(f"lasers-train: {text}", file=sys.stderr, flush=True)
+
+    if isinstance(err, TrainingDiverged):
+        if env.is_main:
+            say(str(err))
+        return EXIT_DIVERGED
+    if isinstance(err, CheckpointError) and resuming:
+        if env.is_main:
+            say(f"error: {err}")
+        return EXIT_CONFIG
+    if isinstance(err, KeyboardInterrupt):
+        say(f"rank {env.rank}: interrupted")
+        return EXIT_INTERRUPTED
+    described = D.describe_collective_failure(err, heartbeat, cfg.train.collective_timeout_s)
+    if described is not None:
+        last = trainer.last_checkpoint if trainer is not None else None
+        say(f"rank {env.rank}: stopping: {described}. When the cause is gone, resume with --resume auto "
+            f"(last good checkpoint: {last or 'none'}).")
+        return EXIT_CRASH
+    if not isinstance(err, CheckpointError):
+        traceback.print_exception(err, file=sys.stderr)
+    say(f"rank {env.rank}: error: {type(err).__name__}: {err}")
+    return EXIT_CRASH
+
+
+def _exit_now(code: int) -> None:
+    """End this process at once. Everything worth keeping is written and the streams are closed; what may still
+    run (a DataLoader worker that ignores SIGTERM, a communicator waiting on a dead peer, the heartbeat thread)
+    must not keep a failed rank alive, which a normal interpreter exit would (it joins child processes)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def print_check(cfg, env, resume: Path | None) -> None:
@@ -282,11 +373,12 @@ def start_up_line(cfg, env, device_type: str, threads: tuple[int, str], resume: 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg, env, resume = preflight(args, os.environ)
+        cfg, env, plan = preflight(args, os.environ)
         threads = cpu_threads(os.environ, env.local_world_size)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"lasers-train: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    resume = plan.candidates[0] if plan is not None else None  # before the hashes are checked (by all ranks)
     if args.check:
         print_check(cfg, env, resume)
         return 0
@@ -306,18 +398,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     deepspeed.utils.logger.setLevel(logging.WARNING)  # its INFO lines would drown the progress bar
 
+    return _train(cfg, env, plan, device_type)
+
+
+def _train(cfg, env, plan: ResumePlan | None, device_type: str) -> int:
+    """Start the process group, verify the checkpoint to resume from, train. Any error on this rank: report it
+    once and exit at once (never returns then)."""
     from lasers_dist.train import distributed as D
-    from lasers_dist.train.trainer import Trainer
+    from lasers_dist.train.trainer import Trainer, stop_signals_held
 
     device = D.init_distributed(env, device_type, cfg.train.collective_timeout_s)
+    heartbeat = D.Heartbeat(env, cfg.train.collective_timeout_s, warn=_warner(env.rank, own=True)).start()
+    trainer, resuming = None, True
     try:
-        # Every rank must load the same folder (or none): take rank 0's view of the shared file system.
-        resume = D.broadcast_object(resume)
+        resume = _verified_resume(plan, cfg, env)
+        resuming = False
         trainer = Trainer(cfg, env, device)
+        heartbeat.progress = lambda: trainer.step
         trainer.fit(resume)
         D.barrier()
-    finally:
-        D.shutdown_distributed()
+    except BaseException as err:
+        with stop_signals_held():  # say why before torchrun's SIGTERM (sent once a worker failed) can end us
+            _exit_now(_report_failure(err, env, cfg, heartbeat, trainer, resuming))
+    heartbeat.stop()
+    D.shutdown_distributed()
     return 0
 
 

@@ -28,10 +28,12 @@ def _ours(cfg: Config, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": accum,
         # DeepSpeed would clip at 1.0 if this key were missing; 0 means no clipping.
         "gradient_clipping": float(cfg.optim.grad_clip),
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        # compute_grad_norm / check_grad_overflow: the ZeRO-1/2 and bf16 wrappers skip an update whose gradient
+        # norm (all-reduced, so every rank agrees) is not finite; the trainer counts on that (see train/step.py).
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage, "compute_grad_norm": True},
         # Our optimizer is a torch AdamW, which ZeRO-1/2 accept only with this flag.
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "bf16": {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": True},
         "steps_per_print": 1 << 30,  # our own metrics log replaces DeepSpeed's step prints
         "wall_clock_breakdown": False,
     }
@@ -100,11 +102,35 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     return _merge(base, ours)
 
 
-def adamw(params: list[nn.Parameter], lr: float, cfg: Config) -> torch.optim.AdamW:
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose update is skipped, leaving weights and moments untouched, when the trainer sets `skip_update`
+    (all ranks agreed that the step's losses or latents were not finite) or when a gradient it holds is not finite.
+
+    DeepSpeed calls step() at the accumulation boundary: on this object itself at ZeRO-0 in fp32, where the
+    engine also reads `overflow` to count the skip and hold the LR schedule (as for its own fp16 overflows), and
+    on the fp32 master partitions behind its ZeRO-1/2 and bf16 wrappers, which skip non-finite gradient norms
+    before it is called. `skipped_last_update` tells the LR schedule to hold in every case (train/schedule.py).
+    """
+
+    skip_update = False
+    overflow = False
+    skipped_last_update = False
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        finite = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        self.overflow = self.skipped_last_update = self.skip_update or not finite
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def adamw(params: list[nn.Parameter], lr: float, cfg: Config) -> SkippableAdamW:
     betas = tuple(cfg.optim.betas)
     if len(betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=cfg.optim.weight_decay)
+    return SkippableAdamW(params, lr=lr, betas=betas, weight_decay=cfg.optim.weight_decay)
 
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:

@@ -45,6 +45,16 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class HoldingLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR that holds when its optimizer skipped the last update (a non-finite step, see
+    train.engines.SkippableAdamW): the schedule counts applied updates, as DeepSpeed's own skipped steps do."""
+
+    def step(self, epoch: int | None = None) -> None:
+        if getattr(self.optimizer, "skipped_last_update", False):
+            return
+        super().step(epoch)
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     warmup_steps: int,
@@ -52,5 +62,5 @@ def build_scheduler(
     min_ratio: float = 0.1,
     kind: str = "cosine",
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR over `optimizer` following WarmupCosine; DeepSpeed steps it after every optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps, min_ratio, kind))
+    """LambdaLR over `optimizer` following WarmupCosine; DeepSpeed steps it after every applied optimizer step."""
+    return HoldingLambdaLR(optimizer, WarmupCosine(warmup_steps, total_steps, min_ratio, kind))

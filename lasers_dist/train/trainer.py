@@ -3,6 +3,10 @@
     trainer = Trainer(cfg, env, device)        # after init_distributed, on every rank
     result = trainer.fit(resume=folder_or_None)  # TrainResult(step, stopped_early, reason, checkpoint)
 
+Faults: a step whose numbers are not finite is skipped on every rank (lasers_dist.train.step) and counted as
+train/skipped_steps; train.max_bad_steps of them in a row raise TrainingDiverged. Any exception leaves fit() only
+after the data streams (and their DataLoader workers) are shut down and rank 0 has written status "failed".
+
 Seeding: every rank seeds with train.seed before building the modules (identical initial weights, and the
 same random LPIPS backbone in tests), then with train.seed + rank for anything random during training. The data
 streams carry their own seeded generators and resumable positions.
@@ -11,8 +15,12 @@ streams carry their own seeded generators and resumable positions.
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -31,8 +39,8 @@ from lasers_dist.train import distributed as D
 from lasers_dist.train.distributed import DistEnv
 from lasers_dist.train.engines import Engines, build_engines
 from lasers_dist.train.metrics import MetricAccumulator, MetricsLog, psnr
-from lasers_dist.train.signals import StopFlag, stop_file_path
-from lasers_dist.train.step import train_step
+from lasers_dist.train.signals import STOP_SIGNALS, StopFlag, stop_file_path
+from lasers_dist.train.step import StepOutcome, train_step
 
 
 class BatchStream(Protocol):
@@ -44,6 +52,15 @@ class BatchStream(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
     @property
     def corrupt_count(self) -> int: ...
+    # and, optionally, close(): stop reading now (ShardStream shuts its DataLoader workers down)
+
+
+class TrainingDiverged(RuntimeError):
+    """train.max_bad_steps non-finite steps in a row. `reason` ("diverged at step N: ...") goes to status.json."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"training {reason}")
+        self.reason = reason
 
 
 @dataclass
@@ -52,6 +69,34 @@ class TrainResult:
     stopped_early: bool  # a signal or train.stop_at_step ended the run before train.max_steps
     reason: str  # "finished", or the signal name / "requested"
     checkpoint: Path | None  # the last committed checkpoint
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line for status.json: the divergence reason, a failed collective in words, or the exception."""
+    if isinstance(err, TrainingDiverged):
+        return err.reason
+    described = D.describe_collective_failure(err, None, 0)
+    text = described or f"{type(err).__name__}: {err}"
+    return " ".join(text.split())[:500]
+
+
+@contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """SIGTERM / SIGUSR1 ignored inside the block (main thread only; a no-op elsewhere).
+
+    For a rank that is failing: once one worker has failed, torchrun sends SIGTERM to the others, which may be
+    failing too (their collectives broke); the default action would end them before they say why and write
+    status "failed". They exit by themselves a moment later.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def seed_everything(seed: int) -> None:
@@ -162,6 +207,9 @@ class Trainer:
             build_train_stream(cfg, env, self.shards.get("train"))
         self.progress = progress
         self.step = 0
+        self.skipped_steps = 0  # non-finite steps skipped over the whole run (resumed runs continue the count)
+        self.bad_in_a_row = 0
+        self.last_checkpoint: Path | None = None
         self._sample_batch: Tensor | None = None  # first training inputs of this run (no val shards)
         self._val_sample: Tensor | None = None  # first val inputs, the same images at every sample step
 
@@ -176,6 +224,7 @@ class Trainer:
         )
         meta, state = ckpt.load_checkpoint(folder, self.engines, self.env.rank)
         self.step = int(meta["step"])
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
         if meta["world_size"] == self.env.world_size and state is not None:
             self.train_stream.load_state_dict(state["stream"])
             ckpt.set_rng_state(state["rng"])
@@ -188,26 +237,43 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------------------
 
     def fit(self, resume: Path | None = None) -> TrainResult:
+        """Train to train.max_steps (or an agreed stop). On any exception: the streams are closed, rank 0 writes
+        status "failed" with the reason (best effort), and the exception propagates (the caller reports it)."""
         cfg, env = self.cfg, self.env
-        if resume is not None:
-            self.load(resume)
-        if env.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out_dir / "config.yaml")
-        self._write_status("running", "", ckpt.latest_checkpoint(self.checkpoints))  # a crash leaves "running"
-        log = MetricsLog(self.out_dir, env.is_main, cfg.train.max_steps, self.step, progress=self.progress)
-        if resume is not None:
-            log.message(f"lasers-train: resumed from {resume} at step {self.step}")
+        log = None
         try:
+            if resume is not None:
+                self.load(resume)
+            if env.is_main:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, self.out_dir / "config.yaml")
+            self.last_checkpoint = resume  # (a newer, damaged one may lie beside it: never named as good)
+            self._write_status("running", "", self.last_checkpoint)  # a kill -9 leaves "running"
+            log = MetricsLog(self.out_dir, env.is_main, cfg.train.max_steps, self.step, progress=self.progress)
+            if resume is not None:
+                log.message(f"lasers-train: resumed from {resume} at step {self.step}")
             return self._loop(log)
+        except BaseException as err:
+            with stop_signals_held():
+                self._write_status("failed", failure_reason(err), self.last_checkpoint)
+                self.close()
+            raise
         finally:
-            log.close()
+            self.close()
+            if log is not None:
+                log.close()
+
+    def close(self) -> None:
+        """Stop the training stream's readers now (DataLoader workers ignore SIGTERM, and a process that exits
+        with workers alive waits for them forever)."""
+        close = getattr(self.train_stream, "close", None)
+        if close is not None:
+            close()
 
     def _loop(self, log: MetricsLog) -> TrainResult:
         cfg, t, accum_steps = self.cfg, self.cfg.train, self.cfg.optim.grad_accum_steps
         metrics = MetricAccumulator()
         batches = self.train_stream.forever()
-        last_checkpoint = ckpt.latest_checkpoint(self.checkpoints)
         train_time, steps_timed = 0.0, 0
         stopped, reason = False, "finished"
         with StopFlag(stop_file=stop_file_path(t.out_dir, t.stop_file)) as stop:
@@ -217,8 +283,11 @@ class Trainer:
                     micro_batches = [split_batch(next(batches), self.device) for _ in range(accum_steps)]
                 if self._sample_batch is None:
                     self._sample_batch = micro_batches[0][0][:8].clone()
-                metrics.add(train_step(self.engines, self.recon_loss, micro_batches, self.step, cfg))
+                outcome = train_step(self.engines, self.recon_loss, micro_batches, self.step, cfg)
                 self.step += 1
+                self._count(outcome)
+                if not outcome.skipped:
+                    metrics.add(outcome.metrics)
                 train_time, steps_timed = train_time + time.perf_counter() - start, steps_timed + 1
                 step, last = self.step, self.step == t.max_steps
                 record: dict[str, float] = {}  # one metrics.jsonl line per step, train and val values together
@@ -234,11 +303,15 @@ class Trainer:
                 if record:
                     log.log(step, record)
                     log.progress(step, record)
+                if outcome.skipped:
+                    log.message(f"lasers-train: step {step} skipped: {outcome.reason} ({self.bad_in_a_row} in a row; "
+                                f"train.max_bad_steps={t.max_bad_steps})")
+                    self._stop_if_diverged(outcome)
                 if step == t.stop_at_step:
                     stop.request()
                 stopping = stop.should_stop(self.device) and not last
                 if stopping or step % t.checkpoint_every == 0 or last:
-                    last_checkpoint = self.save(step)
+                    self.last_checkpoint = self.save(step)
                 if stopping:
                     stopped, reason = True, stop.reason
                     break
@@ -246,13 +319,29 @@ class Trainer:
                 stop.consume_stop_file()  # acted on, checkpoint committed: a resumed run must not stop at once
         if stopped:
             log.message(
-                f"lasers-train: stopped early at step {self.step} ({reason}); checkpoint {last_checkpoint} is "
+                f"lasers-train: stopped early at step {self.step} ({reason}); checkpoint {self.last_checkpoint} is "
                 "complete; resume with --resume auto"
             )
         else:
-            log.message(f"lasers-train: finished {self.step} steps; checkpoint {last_checkpoint}")
-        self._write_status("stopped" if stopped else "finished", reason, last_checkpoint)
-        return TrainResult(self.step, stopped, reason, last_checkpoint)
+            log.message(f"lasers-train: finished {self.step} steps; checkpoint {self.last_checkpoint}")
+        self._write_status("stopped" if stopped else "finished", reason, self.last_checkpoint)
+        return TrainResult(self.step, stopped, reason, self.last_checkpoint)
+
+    def _count(self, outcome: StepOutcome) -> None:
+        """Skipped-step bookkeeping, identical on every rank (the verdict is agreed)."""
+        if outcome.skipped:
+            self.skipped_steps += 1
+            self.bad_in_a_row += 1
+        else:
+            self.bad_in_a_row = 0
+
+    def _stop_if_diverged(self, outcome: StepOutcome) -> None:
+        if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            raise TrainingDiverged(
+                f"diverged at step {self.step}: {outcome.reason}, {self.bad_in_a_row} steps in a row (each skipped, "
+                f"train.max_bad_steps={self.cfg.train.max_bad_steps}); last good checkpoint "
+                f"{self.last_checkpoint or 'none (none was written)'}; try a lower optim.lr (now {self.cfg.optim.lr:g})"
+            )
 
     def _log_extras(self, images_per_s: float) -> dict[str, float]:
         corrupt = torch.tensor([float(self.train_stream.corrupt_count)], device=self.device)
@@ -261,16 +350,26 @@ class Trainer:
             "images_per_s": images_per_s,
             "lr": float(self.engines.generator.get_lr()[0]),
             "data/corrupt_samples": corrupt.item(),
+            "train/skipped_steps": float(self.skipped_steps),
         }
 
     def _write_status(self, state: str, reason: str, checkpoint: Path | None) -> None:
-        """out_dir/status.json for requeue scripts: state "running" (still running, or crashed), "stopped"
-        (a signal or train.stop_at_step: resumable with --resume auto) or "finished"."""
+        """out_dir/status.json for requeue scripts: state "running" (still running, or killed), "stopped" (a signal
+        or train.stop_at_step: resumable with --resume auto), "finished", or "failed" (an exception; the reason
+        starts with "diverged" for train.max_bad_steps non-finite steps in a row). "failed" is best effort: a
+        full disk must not hide the error that is being reported."""
         if not self.env.is_main:
             return
         status = {"state": state, "step": self.step, "reason": reason,
                   "checkpoint": str(checkpoint) if checkpoint else None}
-        (self.out_dir / "status.json").write_text(json.dumps(status) + "\n")
+        path = self.out_dir / "status.json"
+        try:
+            tmp = path.with_name(".status.json.tmp")
+            tmp.write_text(json.dumps(status) + "\n")
+            os.replace(tmp, path)  # a reader never sees a half-written status
+        except OSError:
+            if state != "failed":
+                raise
 
     # ---- checkpoints ------------------------------------------------------------------------------------
 
@@ -278,8 +377,9 @@ class Trainer:
         rank_state = {"step": step, "stream": self.train_stream.state_dict(), "rng": ckpt.rng_state()}
         meta = ckpt.build_meta(step, self.cfg, self.env.world_size)
         meta["stream_epoch"] = int(rank_state["stream"].get("epoch", 0))
+        meta["skipped_steps"] = self.skipped_steps
         keep = self.cfg.train.keep_checkpoints
-        return ckpt.save_checkpoint(self.checkpoints, step, self.engines, rank_state, meta, keep)
+        return ckpt.save_checkpoint(self.checkpoints, step, self.engines, rank_state, meta, keep, self.last_checkpoint)
 
     # ---- validation and samples -------------------------------------------------------------------------
 
