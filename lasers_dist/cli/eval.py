@@ -74,7 +74,7 @@ def _start_group(env, device) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from lasers_dist.cli.train import _cpu_threads, dist_env_from_environ
+    from lasers_dist.cli.train import cpu_threads, dist_env_from_environ
 
     try:
         env = dist_env_from_environ(os.environ)
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         device = _device(args.device, env.local_rank)
         if device.type == "cpu":
-            torch.set_num_threads(_cpu_threads(env.local_world_size))
+            torch.set_num_threads(cpu_threads(os.environ, env.local_world_size)[0])
         model, source = load_model(args.source, device)
         shards = args.shards or model.config.data.val_shards
         if not shards:
