@@ -21,6 +21,11 @@ costs no more flops than s gathered G rows. It also never forms G (K x K), and i
 
 Bounds: S <= 16, K <= 4096, dim <= 256 (`triton_supported`); lasers_dist.sparse.batch_omp uses torch outside.
 On CPU tensors the kernel runs only under Triton's interpreter (TRITON_INTERPRET=1 set before this import).
+
+GPU status: never run on a GPU by this project. It compiles with Triton's NVIDIA compiler for sm_80 and sm_90
+(tests/test_omp_backend.py compiles it ahead of time without a GPU: fp32 FMA for the ieee tl.dot, no TF32, no
+local-memory spills at the paper's shape), and batch_omp(backend="auto") runs it only after a self-check on the
+device (lasers_dist.sparse.backend). launch/gpu_check.sh verifies it on a real card.
 """
 
 from __future__ import annotations
@@ -178,7 +183,8 @@ def _interpreted() -> bool:
 
 
 def _block_sizes(num_signals: int, num_atoms: int, dim_pad: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K). tl.dot needs every dimension >= 16 on GPU, and tl.arange powers of two."""
+    """(BLOCK_N, BLOCK_K): powers of two (tl.arange), and >= 16 in every tl.dot dimension (Triton releases before
+    per-backend minimum dot sizes asserted it; 3.8 also compiles 8 for this fp32 ieee dot)."""
     if _interpreted():
         # The interpreter's cost is per program and per op, not per element: use few, large programs.
         return (min(256, max(16, triton.next_power_of_2(num_signals))),
@@ -211,9 +217,14 @@ def batch_omp_triton(x: Tensor, dictionary: Tensor, sparsity: int) -> tuple[Tens
         )
     if x.device != dictionary.device:
         raise ValueError(f"x is on {x.device} but the dictionary is on {dictionary.device}")
-    if not x.is_cuda and not _interpreted():
-        raise RuntimeError("Triton needs a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    check_device(x.device)
     return launch_kernel(x, dictionary, sparsity, kernel_constants(num_signals, num_atoms, dim, sparsity))
+
+
+def check_device(device: torch.device) -> None:
+    """RuntimeError unless the kernel can run on `device`: CUDA, or the CPU under the interpreter."""
+    if device.type != "cuda" and not _interpreted():
+        raise RuntimeError("Triton needs a CUDA tensor (or TRITON_INTERPRET=1 for the CPU interpreter)")
 
 
 def kernel_constants(num_signals: int, num_atoms: int, dim: int, sparsity: int) -> dict[str, int]:

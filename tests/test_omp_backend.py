@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from interpreter_support import assert_passes_under_interpreter
 
 pytest.importorskip("triton", reason="the Triton kernel needs the `triton` package")
 
@@ -160,14 +161,14 @@ if not INTERPRETED:
         vq = agree_omp_backend(replace(ModelConfig(), bottleneck="vq"), 0, 1, torch.device("cpu"))
         assert vq.backend == "none"
 
+    def test_explicit_triton_on_cpu_fails_its_check_at_start_up():
+        # No hook needed: without the interpreter the kernel really cannot run on CPU tensors.
+        with pytest.warns(B.TritonFallbackWarning), pytest.raises(BackendCheckError, match="Triton needs a CUDA"):
+            agree_omp_backend(replace(ModelConfig(), omp_backend="triton"), 0, 1, torch.device("cpu"))
+        assert "Triton needs a CUDA tensor" in B.fallback_reason()
+
     def test_self_check_cases_under_cpu_interpreter():
-        child = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
-        )
-        summary = child.stdout.strip().splitlines()[-1] if child.stdout.strip() else ""
-        assert child.returncode == 0, f"interpreter run failed:\n{child.stdout[-6000:]}\n{child.stderr[-3000:]}"
-        assert "passed" in summary and "skipped" not in summary, child.stdout[-3000:]
+        assert_passes_under_interpreter(__file__)
 
     def test_provenance_keeps_earlier_starts(tmp_path):
         omp = agree_omp_backend(ModelConfig(), 0, 1, torch.device("cpu")).record()

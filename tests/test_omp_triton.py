@@ -8,12 +8,9 @@ defines kernels in interpreter mode. With CUDA the same cases also run natively 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from interpreter_support import assert_passes_under_interpreter
 
 pytest.importorskip("triton", reason="the Triton kernel needs the `triton` package")
 
@@ -182,10 +179,4 @@ if not INTERPRETED:  # parent process only: kernels here are compiled for the GP
             batch_omp_triton(torch.randn(4, 8), torch.eye(8), 2)
 
     def test_kernel_cases_under_cpu_interpreter():
-        child = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
-        )
-        summary = child.stdout.strip().splitlines()[-1] if child.stdout.strip() else ""
-        assert child.returncode == 0, f"interpreter run failed:\n{child.stdout[-6000:]}\n{child.stderr[-3000:]}"
-        assert "passed" in summary and "skipped" not in summary, child.stdout[-3000:]
+        assert_passes_under_interpreter(__file__)

@@ -204,6 +204,7 @@ def _compare_with_torch(device: torch.device, dtype: torch.dtype, num_atoms: int
     from lasers_dist.kernels import omp_triton
     from lasers_dist.sparse.omp import batch_omp
 
+    omp_triton.check_device(device)
     generator = torch.Generator().manual_seed(1234)
     atoms = torch.randn(num_atoms, dim, generator=generator)
     atoms = atoms / atoms.norm(dim=1, keepdim=True)
@@ -214,11 +215,12 @@ def _compare_with_torch(device: torch.device, dtype: torch.dtype, num_atoms: int
     elif _fault == "disagree":
         kernel_atoms = atoms.roll(1, dims=1)
     # batch_omp hands the kernel fp32 signals whatever their dtype; the reference gets the same, so coefficients
-    # are compared before the rounding to the caller's dtype.
+    # are compared before the rounding to the caller's dtype. The reference runs on the CPU: plain IEEE fp32
+    # whatever the process set for CUDA matmuls (TF32 would move it by ~1e-3), and independent of the device.
     x = x.float()
     indices, coeffs = omp_triton.launch_kernel(x.to(device), kernel_atoms.to(device), sparsity, constants)
-    reference = batch_omp(x.to(device), atoms.to(device), sparsity, backend="torch")
-    return agreement(x, atoms, indices.cpu(), coeffs.cpu(), reference.indices.cpu(), reference.coeffs.cpu())
+    reference = batch_omp(x, atoms, sparsity, backend="torch")
+    return agreement(x, atoms, indices.cpu(), coeffs.cpu(), reference.indices, reference.coeffs)
 
 
 def agreement(x: Tensor, atoms: Tensor, indices: Tensor, coeffs: Tensor, ref_indices: Tensor,
