@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Verify a GPU machine in one command (about 10 minutes on one GPU once torch is installed):
-#   bash launch/gpu_check.sh [OUT_DIR]          (default: gpu_check-<date>-<time> in the checkout)
+#   bash launch/gpu_check.sh [OUT_DIR]          (default: bench_results/gpu_check-<date>-<time>)
 # Installs what is missing (launch/setup.sh, and Triton if torch came without it), then on CUDA device 0 runs the
 # CUDA-marked tests (the Triton kernel's agreement cases and self-check natively), `lasers-bench omp --backend all
 # --grid --device cuda`, `lasers-bench step --device cuda` and a short single-GPU bf16 quickstart, and writes
@@ -9,7 +9,7 @@
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=${PYTHON:-python3}
-out=${1:-$repo/gpu_check-$(date +%Y%m%d-%H%M%S)}
+out=${1:-$repo/bench_results/gpu_check-$(date +%Y%m%d-%H%M%S)}
 
 no_cuda() {
   echo "gpu_check: no CUDA device: $1. Nothing was run or installed; run this on a GPU node," \
