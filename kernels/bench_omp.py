@@ -56,7 +56,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk-size", type=int, default=None, help="torch backend chunk size (default: auto)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's setting)")
     parser.add_argument("--json", type=Path, default=Path("bench_results/omp.json"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device NAME as a torch device with an index ("cuda" -> "cuda:<current>"); ValueError naming what is
+    missing when it does not exist here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r} is not a torch device ({error})") from None
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here (torch {torch.__version__}, built "
+                         f"for CUDA {torch.version.cuda or 'none'}); use --device cpu")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return torch.device("cuda", index)
 
 
 def derived_counts(n: int, atoms: int, dim: int, sparsity: int, elem_bytes: int) -> tuple[float, float]:
@@ -142,9 +165,9 @@ def bench_config(args, n, atoms, dim, sparsity, backends, device, skipped) -> li
         kwargs = {"backend": backend, "chunk_size": args.chunk_size} if backend == "torch" else {"backend": backend}
         try:
             seconds = time_best(partial(batch_omp, x, dictionary, sparsity, **kwargs), args.repeats, device)
-        except (RuntimeError, ValueError) as error:
-            skipped.append({"backend": backend, "N": n, "K": atoms, "dim": dim, "S": sparsity,
-                            "reason": f"{type(error).__name__}: {error}"})
+        except Exception as error:  # noqa: BLE001 - a backend that fails (Triton compile error, OOM) is reported
+            skipped.append({"backend": backend, "N": n, "K": atoms, "dim": dim, "S": sparsity, "failed": True,
+                            "reason": f"{type(error).__name__}: {str(error).strip()[-500:]}"})
             continue
         rows.append(result_row(backend, str(device), args.dtype, n, atoms, dim, sparsity, seconds,
                                x.element_size(), sklearn_rate))
@@ -152,18 +175,13 @@ def bench_config(args, n, atoms, dim, sparsity, backends, device, skipped) -> li
 
 
 def machine_info(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+    from lasers_dist.train.provenance import device_name
+
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "cpu": device_name(torch.device("cpu")),
+            "device_name": device_name(device),
             # Timings on a shared machine are only as good as its load: record it.
             "loadavg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        if names:
-            info["cpu"] = names[0]
-    info["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else info["cpu"]
-    return info
 
 
 def print_table(rows: list[dict], skipped: list[dict]) -> None:
@@ -177,31 +195,46 @@ def print_table(rows: list[dict], skipped: list[dict]) -> None:
     for line in cells:
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
     for skip in skipped:
-        print(f"skipped {skip['backend']}: {skip['reason']}")
+        where = f" at N={skip['N']}, K={skip['K']}, dim={skip['dim']}, S={skip['S']}" if "N" in skip else ""
+        print(f"{'FAILED' if skip.get('failed') else 'skipped'} {skip['backend']}{where}: {skip['reason']}")
+
+
+def self_checks(configs: list[tuple[int, int, int, int]], dtype: torch.dtype, device: torch.device) -> list[dict]:
+    """The Triton self-check (what backend="auto" runs before first using the kernel) per (K, dim, S) of the
+    sweep, on CUDA: whether auto would use the kernel, with the agreement figures or the error."""
+    if device.type != "cuda":
+        return []
+    from lasers_dist.sparse.backend import resolve_backend
+
+    shapes = sorted({(atoms, dim, sparsity) for _, atoms, dim, sparsity in configs})
+    choices = [resolve_backend("auto", device, dtype, *shape) for shape in shapes]
+    return [{"K": k, "dim": d, "S": s, "auto_backend": choice.backend, "reason": choice.reason,
+             "check": choice.check.as_dict() if choice.check else None}
+            for (k, d, s), choice in zip(shapes, choices)]
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = args.device
     backends, skipped = backends_for(args.backend, device)
     configs = ([(n, k, d, s) for n in GRID["n"] for k in GRID["atoms"] for d in GRID["dim"] for s in GRID["sparsity"]]
                if args.grid else [(args.n, args.atoms, args.dim, args.sparsity)])
-    rows = []
+    result = {"rows": [], "skipped": skipped, "step": None, "machine": machine_info(device),
+              "self_checks": self_checks(configs, DTYPES[args.dtype], device) if "triton" in backends else [],
+              "flops_formula": "2NK*dim + sum_{s<S} 2NKs + sum_{s<=S} 2Ns^2",
+              "bytes_formula": "N*dim*b + N*S*(8+b) + ceil(N/chunk)*K^2*4"}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     for n, atoms, dim, sparsity in configs:
-        rows += bench_config(args, n, atoms, dim, sparsity, backends, device, skipped)
-    print_table(rows, skipped)
-    step = None
+        result["rows"] += bench_config(args, n, atoms, dim, sparsity, backends, device, skipped)
+        args.json.write_text(json.dumps(result, indent=2))  # after every config: a cut-off sweep keeps its rows
+    print_table(result["rows"], skipped)
     if args.backend == "all":
         # The share of OMP in a whole DL-GAN training step at 256^2, against the same step with the VQ bottleneck.
         from lasers_dist.kernels.bench_step import main as bench_step
 
-        step = bench_step(["--device", str(device), "--json", str(args.json.with_name("step.json"))])
-    result = {"rows": rows, "skipped": skipped, "step": step, "machine": machine_info(device),
-              "flops_formula": "2NK*dim + sum_{s<S} 2NKs + sum_{s<=S} 2Ns^2",
-              "bytes_formula": "N*dim*b + N*S*(8+b) + ceil(N/chunk)*K^2*4"}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
+        result["step"] = bench_step(["--device", str(device), "--json", str(args.json.with_name("step.json"))])
     args.json.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")
     return result

@@ -31,12 +31,14 @@ from lasers_dist.config import Config, load_config
 from lasers_dist.losses import ReconstructionLoss, backbone_weights_path
 from lasers_dist.models import build_autoencoder, build_discriminator
 from lasers_dist.sparse import batch_omp
+from lasers_dist.sparse.backend import resolve_backend
 from lasers_dist.train.engines import Engines, adamw, trainable
+from lasers_dist.train.provenance import device_name
 from lasers_dist.train.step import train_step
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench_step", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lasers-bench step", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML config whose model/loss/optim sections to use (default: the paper's DL-GAN: "
                              "K=512, L=16, S=5, light encoder/decoder, PatchGAN, MSE + LPIPS)")
@@ -51,6 +53,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch < 1 or args.steps < 1 or args.image_size < 1:
         parser.error("--batch, --steps and --image-size must be positive")
+    from lasers_dist.kernels.bench_omp import resolve_device
+
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -148,7 +156,7 @@ def print_table(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     cfg, random_lpips = bench_config(args)
     generator = torch.Generator().manual_seed(args.seed)
     images = (torch.rand(args.batch, cfg.model.in_channels, args.image_size, args.image_size, generator=generator)
@@ -159,14 +167,18 @@ def main(argv: list[str] | None = None) -> dict:
     omp, signal_shape = omp_runner(cfg, autoencoder, images)
     vq_cfg = replace(cfg, model=replace(cfg.model, bottleneck="vq", patch_size=[1, 1]))
     vqgan_step, _ = step_runner(vq_cfg, images, recon_loss, args.seed)
+    # What "auto" resolves to here (on CUDA: after the Triton self-check), recorded with the timings.
+    omp_choice = resolve_backend(cfg.model.omp_backend, device, torch.float32, cfg.model.num_atoms, signal_shape[1],
+                                 cfg.model.sparsity)
     times = time_interleaved({"dlgan": dlgan_step, "omp": omp, "vqgan": vqgan_step}, args.steps, device)
     median = {name: statistics.median(values) for name, values in times.items()}
     result = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device_name": device_name(device),
         "threads": torch.get_num_threads(),
         "batch": args.batch, "image_size": args.image_size, "steps": args.steps,
-        "omp_backend": cfg.model.omp_backend, "omp_signals": list(signal_shape),
+        "omp_backend": omp_choice.backend, "omp_backend_requested": cfg.model.omp_backend,
+        "omp_backend_reason": omp_choice.reason, "omp_signals": list(signal_shape),
         "atoms": cfg.model.num_atoms, "sparsity": cfg.model.sparsity,
         "dlgan_step_ms": median["dlgan"], "omp_ms": median["omp"], "vqgan_step_ms": median["vqgan"],
         "min_ms": {name: min(values) for name, values in times.items()},

@@ -235,6 +235,7 @@ def test_triton_backend_unavailable(monkeypatch):
     assert torch.equal(auto.indices, torch_codes.indices) and torch.equal(auto.coeffs, torch_codes.coeffs)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_torch_backend_on_cuda_matches_cpu():
     dictionary = random_dictionary(256, 16, seed=21)
@@ -258,3 +259,31 @@ def test_atoms_within_the_norm_tolerance_still_get_least_squares_coefficients() 
     assert torch.einsum("nsd,nd->ns", chosen, residual).abs().max() < 1e-10
     reference = batch_omp(x, unit, 4)
     torch.testing.assert_close(codes.indices, reference.indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [2, 3, 16, 64, 256])
+def test_half_precision_dictionary_normalised_in_its_own_dtype_is_accepted(dtype, dim):
+    """Rows normalised in bf16 / fp16 are up to ~1.5 machine epsilons off unit norm (bf16: 2^-7): accepted, and
+    the coefficients are the least-squares fit on the atoms as given."""
+    gen = torch.Generator().manual_seed(dim)
+    raw = (torch.randn(512, dim, generator=gen) * 7).to(dtype)
+    x = torch.randn(100, dim, generator=gen)
+    for dictionary in (raw / raw.norm(dim=1, keepdim=True), torch.nn.functional.normalize(raw, dim=1)):
+        # bf16 rows are always further off than the old fixed 1e-3 tolerance; fp16 rows sometimes are.
+        off = (dictionary.double().norm(dim=1) - 1).abs().max()
+        assert dictionary.dtype == dtype and off > (1e-3 if dtype == torch.bfloat16 else 1e-4)
+        codes = batch_omp(x, dictionary, min(3, dim))
+        assert codes.coeffs.dtype == torch.float32 and torch.isfinite(codes.coeffs).all()
+        atoms = dictionary.float()[codes.indices]  # (N, S, dim)
+        residual = x - torch.einsum("ns,nsd->nd", codes.coeffs, atoms)
+        assert torch.einsum("nsd,nd->ns", atoms, residual).abs().max() < 1e-4 * x.norm(dim=1).max()
+
+
+@pytest.mark.parametrize("dtype, off", [(torch.bfloat16, 1.05), (torch.bfloat16, 0.95), (torch.float16, 1.01),
+                                        (torch.float32, 1.002)])
+def test_rows_really_off_unit_norm_are_rejected_in_every_dtype(dtype, off):
+    dictionary = random_dictionary(32, 16, seed=24, dtype=torch.float32)
+    dictionary[5] *= off
+    with pytest.raises(ValueError, match=rf"tolerance .* for {dtype}\); 1 of 32 do not \(atom 5 has norm"):
+        batch_omp(torch.randn(4, 16), dictionary.to(dtype), 2)

@@ -8,26 +8,24 @@ defines kernels in interpreter mode. With CUDA the same cases also run natively 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from interpreter_support import assert_passes_under_interpreter
 
 pytest.importorskip("triton", reason="the Triton kernel needs the `triton` package")
 
 from lasers_dist.kernels import omp_triton  # noqa: E402
 from lasers_dist.kernels.omp_triton import EPS, batch_omp_triton, triton_supported  # noqa: E402
 from lasers_dist.sparse import SparseCodes, batch_omp  # noqa: E402
+from lasers_dist.sparse.backend import near_tie_rows  # noqa: E402
 
 # Whether the kernels of this process were defined under the interpreter (not merely whether the variable is
 # set now: it only counts if it was set before omp_triton was first imported).
 INTERPRETED = omp_triton._interpreted()
 # The interpreter child runs the kernel cases on CPU tensors; the parent runs them natively where CUDA exists.
 KERNEL_DEVICES = ["cpu"] if INTERPRETED else [
-    pytest.param("cuda", marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="no CUDA: these cases run in the CPU-interpreter child instead"))
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="no CUDA: these cases run in the CPU-interpreter child instead")])
 ]
 TOL = 1e-5
 
@@ -35,24 +33,6 @@ TOL = 1e-5
 def _dictionary(num_atoms: int, dim: int, generator: torch.Generator) -> torch.Tensor:
     atoms = torch.randn(num_atoms, dim, generator=generator)
     return atoms / atoms.norm(dim=1, keepdim=True)
-
-
-def _near_tie_rows(x: torch.Tensor, dictionary: torch.Tensor, indices: torch.Tensor, rel_gap: float = 1e-5):
-    """(N,) bool: rows where some greedy step along `indices` had a runner-up within rel_gap * |x| of the
-    winner, replayed in float64. Only there may two correct fp32 implementations pick different atoms."""
-    x64, dict64 = x.double(), dictionary.double()
-    near = torch.zeros(x.shape[0], dtype=torch.bool)
-    for step in range(indices.shape[1]):
-        support = indices[:, :step]
-        residual = x64
-        if step > 0:
-            atoms = dict64[support]  # (N, step, dim)
-            gamma = torch.linalg.lstsq(atoms.transpose(1, 2), x64[:, :, None]).solution  # (N, step, 1)
-            residual = x64 - (atoms * gamma).sum(dim=1)
-        score = (residual @ dict64.T).abs().scatter(1, support, -1.0)
-        top2 = score.topk(2, dim=1).values
-        near |= top2[:, 0] - top2[:, 1] <= rel_gap * x64.norm(dim=1)
-    return near
 
 
 def _run_both(x: torch.Tensor, dictionary: torch.Tensor, sparsity: int, device: str):
@@ -73,7 +53,7 @@ def _assert_valid_codes(indices: torch.Tensor, coeffs: torch.Tensor, num_atoms: 
 def _assert_matches_reference(x, dictionary, indices, coeffs, reference, max_near_tie_fraction=0.1):
     _assert_valid_codes(indices, coeffs, dictionary.shape[0])
     same = (indices == reference.indices).all(dim=1)
-    near = _near_tie_rows(x, dictionary, reference.indices)
+    near = near_tie_rows(x, dictionary, reference.indices)
     unexplained = (~same & ~near).nonzero().flatten().tolist()
     assert not unexplained, f"rows {unexplained[:10]} pick different atoms without a float64 near-tie"
     assert near.float().mean() <= max_near_tie_fraction, "too many near-ties: the test data is too degenerate"
@@ -199,10 +179,4 @@ if not INTERPRETED:  # parent process only: kernels here are compiled for the GP
             batch_omp_triton(torch.randn(4, 8), torch.eye(8), 2)
 
     def test_kernel_cases_under_cpu_interpreter():
-        child = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
-        )
-        summary = child.stdout.strip().splitlines()[-1] if child.stdout.strip() else ""
-        assert child.returncode == 0, f"interpreter run failed:\n{child.stdout[-6000:]}\n{child.stderr[-3000:]}"
-        assert "passed" in summary and "skipped" not in summary, child.stdout[-3000:]
+        assert_passes_under_interpreter(__file__)

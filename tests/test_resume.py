@@ -121,6 +121,20 @@ def test_checkpoint_layout(runs):
     assert weights["bottleneck.train_steps"].dtype == torch.int64
 
 
+def test_run_records_its_omp_backend(runs):
+    """The OMP backend on a real 2-rank CPU run: resolved to torch without a self-check, logged once (rank 0),
+    recorded in every checkpoint's meta.json and in provenance.json (the resumed start keeps the first one's)."""
+    for _, folder in ckpt.list_checkpoints(runs["parts"] / "checkpoints"):
+        assert ckpt.read_meta(folder)["omp_backend"] == "torch"
+    record = json.loads((runs["parts"] / "provenance.json").read_text())
+    assert (record["omp_backend"], record["omp_backend_requested"]) == ("torch", "auto")
+    assert record["omp_self_check"] is None and "CUDA only" in record["omp_backend_reason"]
+    assert (record["world_size"], record["device"], record["torch"]) == (2, "cpu", torch.__version__)
+    assert len(record["previous_starts"]) == 1 and record["previous_starts"][0]["omp_backend"] == "torch"
+    out = runs["resumed"].stdout + runs["resumed"].stderr
+    assert out.count("omp backend: torch (model.omp_backend=auto; cpu device") == 1
+
+
 def test_resume_on_another_world_size_is_refused(runs, monkeypatch, capsys):
     from lasers_dist.cli.train import main
 

@@ -40,8 +40,11 @@ from torch import Tensor
 
 BACKENDS = ("auto", "torch", "triton")
 
-# Relative tolerance on the dictionary's row norms (checked in fp32).
+# Relative tolerance on the dictionary's row norms: 1e-3, or 4 machine epsilons of the dictionary's own dtype
+# when that is coarser. Rows normalised in bf16 / fp16 (d / d.norm(), F.normalize) were measured up to
+# 1.45 eps off unit norm (fp16, dim 2; about 0.7 eps for dim >= 8), so bf16 gets 2^-5 and fp16 2^-8.
 _UNIT_NORM_TOL = 1e-3
+_UNIT_NORM_EPS = 4
 # Default chunk: chunk * K = 2^20 work-buffer elements (4 MiB in fp32), e.g. 2048 signals for K = 512; on
 # the 2-core dev CPU 2048-4096 signals were fastest, 1024 and 8192 slower.
 _DEFAULT_CHUNK_ELEMENTS = 1 << 20
@@ -78,9 +81,10 @@ def batch_omp(
     """Sparse-code the rows of x over the rows of dictionary with exactly `sparsity` atoms each.
 
     x: (N, dim) float signals. dictionary: (K, dim) float, unit-norm rows. 1 <= sparsity <= K.
-    backend: "auto" (the Triton kernel for CUDA tensors when it is importable and supports the shapes, torch
-    otherwise; float64 always uses torch so it stays float64), "torch", or "triton" (errors from the Triton
-    module, e.g. for CPU tensors or unsupported shapes, surface as they are).
+    backend: "auto" (the Triton kernel for CUDA tensors when it is importable, supports the shapes and passed
+    its self-check in this process -- see lasers_dist.sparse.backend; torch otherwise; float64 always uses torch
+    so it stays float64), "torch", or "triton" (never self-checked: errors from the Triton module, e.g. for CPU
+    tensors or unsupported shapes, surface as they are).
     chunk_size: signals per chunk for the torch backend (None: chosen for cache locality).
     Returns SparseCodes with indices (N, S) int64 and coeffs (N, S) in x's dtype. No gradients flow.
     bf16/fp16 inputs are computed in fp32; float64 inputs in float64.
@@ -107,8 +111,9 @@ def batch_omp(
 def _pick_triton(backend: str, x: Tensor, num_atoms: int, sparsity: int) -> bool:
     """Whether to dispatch to kernels/omp_triton.py; an explicit "triton" that cannot import raises.
 
-    "auto" picks the kernel only for CUDA tensors that are not float64, and only within the shapes the kernel
-    reports it supports (`triton_supported`); everything else runs on the torch backend.
+    "auto" picks the kernel only for CUDA tensors that are not float64, only within the shapes the kernel
+    reports it supports (`triton_supported`), and only once its self-check passed for this device, dtype and
+    shape (lasers_dist.sparse.backend); everything else runs on the torch backend.
     """
     if backend == "torch" or (backend == "auto" and (not x.is_cuda or x.dtype == torch.float64)):
         return False
@@ -121,7 +126,11 @@ def _pick_triton(backend: str, x: Tensor, num_atoms: int, sparsity: int) -> bool
             f"backend='triton' was requested but lasers_dist.kernels.omp_triton cannot be imported ({error}); "
             "install triton or use backend='torch'"
         ) from error
-    return backend == "triton" or triton_supported(x.shape[0], num_atoms, x.shape[1], sparsity)
+    if backend == "triton":
+        return True
+    from lasers_dist.sparse.backend import auto_uses_triton
+
+    return triton_supported(x.shape[0], num_atoms, x.shape[1], sparsity) and auto_uses_triton(x, num_atoms, sparsity)
 
 
 def _check_inputs(
@@ -157,11 +166,13 @@ def _check_values(x: Tensor, dictionary: Tensor, compute_dtype: torch.dtype) -> 
     """Unit-norm (and finite) atoms, finite signals; returns the (K,) atom norms in compute_dtype.
     One host sync each on CUDA; details only on failure."""
     norms = dictionary.detach().to(compute_dtype).norm(dim=1)
-    bad_atoms = ~((norms - 1).abs() <= _UNIT_NORM_TOL)  # also true for NaN / Inf norms
+    tolerance = unit_norm_tolerance(dictionary.dtype)
+    bad_atoms = ~((norms - 1).abs() <= tolerance)  # also true for NaN / Inf norms
     if bool(bad_atoms.any()):
         first = int(bad_atoms.nonzero()[0])
         raise ValueError(
-            f"dictionary rows must have unit L2 norm (tolerance {_UNIT_NORM_TOL}); {int(bad_atoms.sum())} of "
+            f"dictionary rows must have unit L2 norm (tolerance {tolerance:.3g} for {dictionary.dtype}); "
+            f"{int(bad_atoms.sum())} of "
             f"{dictionary.shape[0]} do not (atom {first} has norm {float(norms[first]):.6g}); "
             "normalise with dictionary / dictionary.norm(dim=1, keepdim=True)"
         )
@@ -172,6 +183,11 @@ def _check_values(x: Tensor, dictionary: Tensor, compute_dtype: torch.dtype) -> 
             f"{int(bad_rows.nonzero()[0])}); sparse codes of non-finite signals are undefined"
         )
     return norms
+
+
+def unit_norm_tolerance(dtype: torch.dtype) -> float:
+    """Accepted |norm - 1| of a dictionary row stored in `dtype` (rows within it are renormalised exactly)."""
+    return max(_UNIT_NORM_TOL, _UNIT_NORM_EPS * torch.finfo(dtype).eps)
 
 
 def _default_chunk_size(num_atoms: int) -> int:

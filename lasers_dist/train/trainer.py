@@ -39,6 +39,8 @@ from lasers_dist.train import distributed as D
 from lasers_dist.train.distributed import DistEnv
 from lasers_dist.train.engines import Engines, build_engines
 from lasers_dist.train.metrics import MetricAccumulator, MetricsLog, psnr
+from lasers_dist.train.omp_backend import agree_omp_backend
+from lasers_dist.train.provenance import build_provenance, write_provenance
 from lasers_dist.train.signals import STOP_SIGNALS, StopFlag, stop_file_path
 from lasers_dist.train.step import StepOutcome, train_step
 
@@ -201,6 +203,12 @@ class Trainer:
             cfg.loss.perceptual_weight, cfg.loss.lpips_net, cfg.loss.lpips_random_backbone
         ).to(device)
         self.engines: Engines = build_engines(cfg, autoencoder, discriminator, env.world_size, device)
+        # The OMP backend is decided once, here (Triton self-check on first use), agreed across ranks,
+        # logged once and recorded in provenance.json and every checkpoint's meta.json.
+        self.omp = agree_omp_backend(cfg.model, env.rank, env.world_size, device)
+        if env.is_main:
+            print(f"lasers-train: {self.omp.message}", flush=True)
+            write_provenance(self.out_dir, build_provenance(env.world_size, device, self.omp.record()))
         seed_everything(cfg.train.seed + env.rank)
         self.shards = shard_lists(cfg, env)  # a collective: every rank constructs the Trainer
         self.train_stream = train_stream if train_stream is not None else \
@@ -378,6 +386,7 @@ class Trainer:
         meta = ckpt.build_meta(step, self.cfg, self.env.world_size)
         meta["stream_epoch"] = int(rank_state["stream"].get("epoch", 0))
         meta["skipped_steps"] = self.skipped_steps
+        meta["omp_backend"] = self.omp.backend
         keep = self.cfg.train.keep_checkpoints
         return ckpt.save_checkpoint(self.checkpoints, step, self.engines, rank_state, meta, keep, self.last_checkpoint)
 
