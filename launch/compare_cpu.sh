@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
 # A CPU-sized DL-vs-VQ comparison on the built-in photos (64x64), at equal bits: NOT the paper's setting.
 # Trains one DL-VAE and VQ-VAEs with several codebook sizes (same encoder/decoder, same steps, MSE only, 2 CPU
-# processes), evaluates the DL model at several sparsities with quantized coefficients (one model, one RD curve)
-# and each VQ model once (one point each, together the VQ curve), then runs lasers-compare. About 20 minutes on
-# a quiet 2-core machine with the defaults.
+# processes), evaluates the DL model at several (sparsity, coefficient bits) points (one model, one RD curve)
+# and each VQ model once (one point each, together the VQ curve), then runs lasers-compare. Every model revives
+# its dead atoms / codes (model.revive_dead_every), the usual practice for VQ baselines, which collapse to a few
+# codes without it. About 10 minutes on a quiet 2-core machine with the defaults.
 #   bash launch/compare_cpu.sh
-#   STEPS=20 VQ_SIZES="16 64 256 1024" SPARSITIES="1 2 3 4" LIMIT=24 OUT=runs/compare_try bash launch/compare_cpu.sh
+#   STEPS=20 VQ_SIZES="16 64 256 1024" DL_POINTS="1:2 1:4 2:4 3:4" LIMIT=24 OUT=runs/compare_try bash launch/compare_cpu.sh
 # Results: $OUT/compare/comparison.md (the table and BD-rate), $OUT/compare/rate_distortion.png, and the DL and
 # VQ reconstruction figures copied to $OUT/readme/.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-py=${PYTHON:-python3}
 bash "$repo/launch/setup.sh"
+source "$repo/launch/python_env.sh"
+lasers_resolve_python "$repo"
+py=$LASERS_PY
 cd "$repo"
 
 data=${DATA_DIR:-data/photos}
 out=${OUT:-runs/compare_cpu}
 steps=${STEPS:-1000}
 nproc=${NPROC:-2}
+cores=$(nproc)  # as in quickstart.sh: yours when set, else the cores shared among the processes
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / nproc > 0 ? cores / nproc : 1 ))}
 vq_sizes=${VQ_SIZES:-64 256 1024 4096}
-sparsities=${SPARSITIES:-1 2 3 4 5}
-coeff_bits=${COEFF_BITS:-4}
+# S:B = code with S atoms and B-bit coefficients. S = 1 at 2-4 bits spends what VQ with K = 1,024-4,096 spends
+# (log2 256 + B vs log2 K bits per latent), so the two curves overlap there.
+dl_points=${DL_POINTS:-1:2 1:3 1:4 1:6 2:6 3:6 4:6 5:6}
 limit=${LIMIT:+--limit $LIMIT}
 start=$(date +%s)
 
@@ -30,7 +36,7 @@ echo "[compare] built-in photo shards in $data (skipped when complete)"
 # The quickstart's model and schedule, as a VAE (no discriminator) trained on MSE alone for both families.
 common=("data.train_shards=$data/train-*.tar" "data.val_shards=$data/val-*.tar" "model.discriminator=false"
         "loss.perceptual_weight=0" "train.max_steps=$steps" "train.checkpoint_every=$steps"
-        "train.val_every=0" "train.sample_every=0" "train.keep_checkpoints=1" "optim.warmup_steps=$((steps / 40))")
+        "train.val_every=0" "train.sample_every=0" "train.keep_checkpoints=1" "model.revive_dead_every=100" "optim.warmup_steps=$((steps / 40))")
 train() {  # name, overrides...
   local name=$1
   shift
@@ -59,8 +65,9 @@ for k in $vq_sizes; do
 done
 
 evaluate dl_vae float32                      # the trained S = 5, float coefficients
-for s in $sparsities; do
-  evaluate dl_vae "s${s}_b${coeff_bits}" --sparsity "$s" --coeff-bits "$coeff_bits"
+for point in $dl_points; do
+  s=${point%%:*} b=${point##*:}
+  evaluate dl_vae "s${s}_b${b}" --sparsity "$s" --coeff-bits "$b"
 done
 for k in $vq_sizes; do
   evaluate "vq_vae_k$k" default

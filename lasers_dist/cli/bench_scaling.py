@@ -13,8 +13,11 @@ fixed random images per rank (the data pipeline is measured by `lasers-bench dat
 are in the torch cache, otherwise off, as in launch/quickstart.sh.
 
 Collective time is the wall time spent inside torch.distributed's collectives (and in waiting on their async
-handles) during the timed steps, on each rank; it includes waiting for the slower rank. Step time is the median
-over steps of the slowest rank's step. The JSON (default bench_results/scaling.json) holds every number.
+handles) during the timed steps, on each rank; it includes waiting for the slower rank. It is reported twice:
+all collectives, and the part DeepSpeed's engines issue (the gradient all-reduce, ZeRO's parameter all-gather and
+gradient-norm reduction), i.e. all minus the trainer's own small reductions (bottleneck usage, adaptive GAN weight,
+non-finite verdict). Step time is the median over steps of the slowest rank's step. The JSON (default
+bench_results/scaling.json) holds every number.
 """
 
 from __future__ import annotations
@@ -69,9 +72,11 @@ class CollectiveClock:
     references to are the timed ones."""
 
     def __init__(self) -> None:
-        self.seconds = 0.0
+        self.seconds = 0.0  # all collectives
+        self.engine_seconds = 0.0  # the part issued through deepspeed.comm (DeepSpeed's engines)
         self.calls = 0
         self.running = False
+        self._in_engine = 0  # > 0 while a deepspeed.comm function runs
 
     def install(self) -> None:
         import torch.distributed as dist
@@ -83,35 +88,57 @@ class CollectiveClock:
                 timed = self._timed(original)
                 setattr(c10d, name, timed)
                 setattr(dist, name, timed)
+        import deepspeed.comm
+        import deepspeed.comm.comm
+
+        for name in COLLECTIVES:  # DeepSpeed's modules look these up on deepspeed.comm at call time
+            original = getattr(deepspeed.comm.comm, name, None)
+            if original is not None:
+                marked = self._marked(original)
+                setattr(deepspeed.comm.comm, name, marked)
+                setattr(deepspeed.comm, name, marked)
+
+    def _marked(self, function: Callable) -> Callable:
+        clock = self
+
+        def marked(*args: Any, **kwargs: Any) -> Any:
+            clock._in_engine += 1
+            try:
+                return function(*args, **kwargs)
+            finally:
+                clock._in_engine -= 1
+
+        return marked
 
     def _timed(self, function: Callable) -> Callable:
         clock = self
 
         def timed(*args: Any, **kwargs: Any) -> Any:
+            engine = clock._in_engine > 0
             start = time.perf_counter()
             handle = function(*args, **kwargs)
-            clock._add(time.perf_counter() - start)
-            return _TimedHandle(handle, clock) if handle is not None and hasattr(handle, "wait") else handle
+            clock._add(time.perf_counter() - start, engine)
+            return _TimedHandle(handle, clock, engine) if handle is not None and hasattr(handle, "wait") else handle
 
         return timed
 
-    def _add(self, seconds: float) -> None:
+    def _add(self, seconds: float, engine: bool) -> None:
         if self.running:
             self.seconds += seconds
+            self.engine_seconds += seconds if engine else 0.0
             self.calls += 1
 
 
 class _TimedHandle:
     """An async collective's handle whose wait() is timed; everything else goes to the real handle."""
 
-    def __init__(self, handle: Any, clock: CollectiveClock) -> None:
-        self._handle, self._clock = handle, clock
+    def __init__(self, handle: Any, clock: CollectiveClock, engine: bool) -> None:
+        self._handle, self._clock, self._engine = handle, clock, engine
 
     def wait(self, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         result = self._handle.wait(*args, **kwargs)
-        if self._clock.running:
-            self._clock.seconds += time.perf_counter() - start
+        self._clock._add(time.perf_counter() - start, self._engine)
         return result
 
     def __getattr__(self, name: str) -> Any:
@@ -165,13 +192,13 @@ def run_worker(args: argparse.Namespace) -> None:
         size, channels = cfg.data.image_size, cfg.model.in_channels
         batches = [(x, x) for x in [(torch.rand(args.batch, channels, size, size, generator=generator) * 2 - 1)
                                     .to(device)] * cfg.optim.grad_accum_steps]
-        step_times, collective = [], 0.0
+        step_times, collective, engine = [], 0.0, 0.0
         for step in range(args.warmup + args.steps):
             D.barrier()  # every rank starts the step together: the step time is not last step's skew
             if args.device == "cuda":
                 torch.cuda.synchronize(device)
             timed = step >= args.warmup
-            clock.running, clock.seconds = timed, 0.0
+            clock.running, clock.seconds, clock.engine_seconds = timed, 0.0, 0.0
             start = time.perf_counter()
             train_step(engines, recon, batches, step, cfg)
             if args.device == "cuda":
@@ -181,18 +208,21 @@ def run_worker(args: argparse.Namespace) -> None:
             if timed:
                 step_times.append(elapsed)
                 collective += clock.seconds
-        per_rank = torch.tensor([*step_times, collective], dtype=torch.float64, device=device)
+                engine += clock.engine_seconds
+        per_rank = torch.tensor([*step_times, collective, engine], dtype=torch.float64, device=device)
         everyone = [torch.zeros_like(per_rank) for _ in range(env.world_size)]
         torch.distributed.all_gather(everyone, per_rank)
         if env.rank == 0:
-            rows = torch.stack(everyone).cpu()  # (world, steps + 1)
-            slowest = rows[:, :-1].max(dim=0).values
+            rows = torch.stack(everyone).cpu()  # (world, steps + 2)
+            slowest = rows[:, :-2].max(dim=0).values
             step_s = statistics.median(slowest.tolist())
-            shares = (rows[:, -1] / rows[:, :-1].sum(dim=1)).tolist()
+            busy = rows[:, :-2].sum(dim=1)
+            shares, engine_shares = (rows[:, -2] / busy).tolist(), (rows[:, -1] / busy).tolist()
             args.worker.write_text(json.dumps({
                 "processes": env.world_size, "threads_per_process": threads, "step_ms": 1e3 * step_s,
                 "images_per_s": args.batch * env.world_size / step_s, "collective_share": statistics.mean(shares),
-                "collective_share_per_rank": shares, "lpips": lpips_on, "zero_stage": cfg.deepspeed.zero_stage,
+                "collective_share_per_rank": shares, "engine_share": statistics.mean(engine_shares),
+                "engine_share_per_rank": engine_shares, "lpips": lpips_on, "zero_stage": cfg.deepspeed.zero_stage,
                 "image_size": size, "step_ms_all": (1e3 * slowest).tolist(),
             }))
     finally:
@@ -249,10 +279,11 @@ def print_table(result: dict) -> None:
     print(f"config {result['config']}, {result['batch']} images per process per step at {result['image_size']}^2, "
           f"ZeRO-{result['zero_stage']}, LPIPS {'on' if result['lpips'] else 'off (weights not cached)'}, "
           f"{result['device']}, {result['cores']} cores, median of {result['steps']} steps")
-    header = ("layout", "processes", "threads/proc", "step ms", "images/s", "speed-up", "collectives")
+    header = ("layout", "processes", "threads/proc", "step ms", "images/s", "speed-up", "DeepSpeed comm",
+              "all collectives")
     rows = [(f"{r['nodes']} node(s) x {r['procs_per_node']}", str(r["processes"]), str(r["threads_per_process"]),
              f"{r['step_ms']:.1f}", f"{r['images_per_s']:.1f}", f"{r['speedup']:.2f}x",
-             f"{100 * r['collective_share']:.1f}% of the step") for r in result["rows"]]
+             f"{100 * r['engine_share']:.1f}%", f"{100 * r['collective_share']:.1f}%") for r in result["rows"]]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))

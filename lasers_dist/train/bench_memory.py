@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import socket
 import statistics
 import subprocess
@@ -147,10 +148,11 @@ def _measure(setting: dict, timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         return {**keys, "error": f"took longer than {timeout:g} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode < 0:  # a signal: on a full machine, the kernel's OOM killer (its last output says nothing)
+        return {**keys, "error": f"killed by {signal.Signals(-proc.returncode).name} (out of memory?)"}
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-        killed = proc.returncode < 0 and " (killed: out of memory?)" or ""
-        return {**keys, "error": f"{tail[0][:300]}{killed}"}
+        return {**keys, "error": tail[0][:300]}
     return json.loads(lines[-1])
 
 
