@@ -21,13 +21,12 @@ data=${DATA_DIR:-data/photos}
 out=${OUT:-runs/compare_cpu}
 steps=${STEPS:-1000}
 nproc=${NPROC:-2}
-cores=$(nproc)  # as in quickstart.sh: yours when set, else the cores shared among the processes
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / nproc > 0 ? cores / nproc : 1 ))}
+lasers_export_threads "$nproc"
 vq_sizes=${VQ_SIZES:-64 256 1024 4096}
 # S:B = code with S atoms and B-bit coefficients. S = 1 at 2-4 bits spends what VQ with K = 1,024-4,096 spends
 # (log2 256 + B vs log2 K bits per latent), so the two curves overlap there.
 dl_points=${DL_POINTS:-1:2 1:3 1:4 1:6 2:6 3:6 4:6 5:6}
-limit=${LIMIT:+--limit $LIMIT}
+limit=(${LIMIT:+--limit "$LIMIT"})
 start=$(date +%s)
 
 echo "[compare] built-in photo shards in $data (skipped when complete)"
@@ -54,7 +53,7 @@ evaluate() {  # run name, eval name, options...
   shift 2
   echo "[compare] evaluating $run ($name)"
   "$py" -m lasers_dist.cli.eval "$out/$run" --shards "$data/val-*.tar" --out "$out/$run/eval/$name" \
-    --no-progress --no-rfid $limit "$@" >"$out/$run/eval-$name.log" 2>&1 \
+    --no-progress --no-rfid "${limit[@]}" "$@" >"$out/$run/eval-$name.log" 2>&1 \
     || { echo "[compare] evaluation failed; see $out/$run/eval-$name.log" >&2; tail -n 20 "$out/$run/eval-$name.log" >&2; exit 1; }
 }
 

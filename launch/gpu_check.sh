@@ -44,5 +44,5 @@ if ! "$py" -c "import triton" >/dev/null 2>&1; then
   "$py" -m pip install --quiet --root-user-action=ignore triton \
     || echo "[gpu_check] could not install triton: the Triton steps will fail and the report will say so" >&2
 fi
-cd "$repo"
+cd "$repo" || exit 1
 exec "$py" -m lasers_dist.kernels.gpu_check --out "$out"

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Which Python the launch and Slurm scripts use (sourced by setup.sh, test.sh, quickstart.sh, train_node.sh and
-# slurm/run_job.sh):
+# Which Python the launch and Slurm scripts use (sourced by setup.sh, test.sh, quickstart.sh, train_node.sh,
+# compare_cpu.sh and slurm/run_job.sh), and how many CPU threads their training processes get. The Python:
 #   1. PYTHON, when set;
 #   2. an active virtual environment or conda env, as it is (on a cluster: your own env with your CUDA torch);
 #   3. this checkout's .venv, when it exists;
@@ -45,4 +45,12 @@ sys.exit(0 if os.path.isfile(marker) and sys.prefix == sys.base_prefix else 1)' 
     return 1
   fi
   LASERS_PY=$repo/.venv/bin/python LASERS_PY_FROM=checkout
+}
+
+# lasers_export_threads NPROC: OMP_NUM_THREADS for NPROC training processes on this machine: yours when set,
+# else this machine's cores shared among them. Set before torchrun, which otherwise picks 1 and prints a banner.
+lasers_export_threads() {
+  local procs=$1 cores
+  cores=$(nproc)  # the cores this process may use (GNU nproc honours OMP_NUM_THREADS, which is unset here)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / procs > 0 ? cores / procs : 1 ))}
 }

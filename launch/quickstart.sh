@@ -15,10 +15,7 @@ cd "$repo"
 data=${DATA_DIR:-data/photos}
 run=${RUN_DIR:-runs/quickstart-$(date +%Y%m%d-%H%M%S)}  # a new folder: earlier runs are kept
 nproc=${NPROC:-2}
-# CPU threads per process: yours when set, else this machine's cores shared among the processes (set here, so
-# torchrun does not pick 1 and print its banner).
-cores=$(nproc)  # the cores this process may use (OMP_NUM_THREADS is unset when it counts)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / nproc > 0 ? cores / nproc : 1 ))}
+lasers_export_threads "$nproc"
 
 echo "[quickstart] building the built-in photo shards in $data (skipped when complete)"
 "$py" -m lasers_dist.cli.shard --builtin photos "$data" --size 64 --no-progress
