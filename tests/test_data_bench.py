@@ -3,7 +3,7 @@ not asserted: the machine is shared)."""
 
 import json
 
-from lasers_dist.data.bench import main, workers_needed
+from lasers_dist.cli.bench_data import main, workers_needed
 
 
 def test_data_bench_writes_table_and_json(tmp_path, capsys):

@@ -18,7 +18,7 @@ from lasers_dist.cli.bench import main as bench_main
 from lasers_dist.config import load_config
 from lasers_dist.losses import adaptive_weight, generator_loss
 from lasers_dist.models import build_autoencoder, build_discriminator
-from lasers_dist.train.bench_memory import project
+from lasers_dist.cli.bench_memory import project
 from train_support import REPO, run, train_cli, write_config
 
 FFHQ1024 = REPO / "configs" / "dlgan_ffhq1024.yaml"
@@ -100,7 +100,7 @@ def test_memory_projection_is_the_linear_fit_of_two_batches():
 def test_ffhq1024_config_trains_end_to_end_at_full_resolution(tmp_path):
     """The shipped configs/dlgan_ffhq1024.yaml (deep, attention, checkpointing, bf16, ZeRO-2), 2 steps at batch 1
     on 1024^2 JPEG shards, one process, through lasers-train."""
-    from lasers_dist.data.bench import bench_items
+    from lasers_dist.cli.bench_data import bench_items
     from lasers_dist.data.shard_writer import ShardOptions, write_split
 
     shards = tmp_path / "ffhq1024"

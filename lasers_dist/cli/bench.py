@@ -9,10 +9,10 @@ import sys
 # `lasers-bench data` does not pay for DeepSpeed or Triton).
 BENCHMARKS = {
     "omp": "lasers_dist.kernels.bench_omp",  # Batch-OMP backends, vectors/s
-    "data": "lasers_dist.data.bench",  # decoded images/s per DataLoader worker, time to first batch
+    "data": "lasers_dist.cli.bench_data",  # decoded images/s per DataLoader worker, time to first batch
     "step": "lasers_dist.kernels.bench_step",  # share of OMP in a DL-GAN step vs a VQ-GAN step
-    "eval": "lasers_dist.eval.bench",  # images/s of a full evaluation, with and without FLIP
-    "memory": "lasers_dist.train.bench_memory",  # peak memory and step time of the deep model
+    "eval": "lasers_dist.cli.bench_eval",  # images/s of a full evaluation, with and without FLIP
+    "memory": "lasers_dist.cli.bench_memory",  # peak memory and step time of the deep model
     "scaling": "lasers_dist.cli.bench_scaling",  # images/s and all-reduce share over process layouts
 }
 

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .shard_writer import ShardOptions, write_split
-from .sources import Item
-from .stream import ShardStream
+from lasers_dist.data.shard_writer import ShardOptions, write_split
+from lasers_dist.data.sources import Item
+from lasers_dist.data.stream import ShardStream
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -76,7 +76,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def bench_items(size: int, count: int, grain: float, seed: int = 0) -> list[Item]:
     """`count` (size, size, 3) uint8 crops of the built-in colour photos, resized, with Gaussian grain."""
-    from .builtin import COLOR_PHOTOS, load_photo
+    from lasers_dist.data.builtin import COLOR_PHOTOS, load_photo
 
     rng = np.random.default_rng(seed)
     items = []
@@ -130,7 +130,7 @@ def _time_stream(shards: str, size: int, batch_size: int, workers: int, images: 
 
 def _jpeg_decoders() -> dict:
     """Every JPEG decoder that imports here: name -> bytes -> (H, W, 3) uint8."""
-    from .augment import jpeg_decoders
+    from lasers_dist.data.augment import jpeg_decoders
 
     def pillow(data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
@@ -167,7 +167,7 @@ def workers_needed(per_worker: float, step_ms: float, gpu_batch: int) -> int:
 
 
 def run_rates(args: argparse.Namespace, work: Path) -> dict:
-    from .augment import JPEG_DECODER
+    from lasers_dist.data.augment import JPEG_DECODER
 
     items = bench_items(args.size, args.num_photos, args.grain)
     rows = []

@@ -140,7 +140,7 @@ def _child_env(device: str, port: int) -> dict[str, str]:
 def _measure(setting: dict, timeout: float) -> dict:
     port = _free_port()
     setting = dict(setting, port=port)
-    cmd = [sys.executable, "-m", "lasers_dist.train.bench_memory", "--one", json.dumps(setting)]
+    cmd = [sys.executable, "-m", "lasers_dist.cli.bench_memory", "--one", json.dumps(setting)]
     keys = {k: setting[k] for k in ("size", "batch", "checkpointing", "precision")}
     try:
         proc = subprocess.run(cmd, env=_child_env(setting["device"], port), capture_output=True, text=True,
