@@ -3,9 +3,9 @@
 Every section is a dataclass; unknown keys, wrong types and values outside a field's choices are errors that
 name the dotted key, the value given and what is allowed. Numbers are read as people write them: `3e-4` and `1E4`
 (strings to YAML 1.1) wherever a number is expected, ints where a float is expected, whole floats (`2.0`) where an
-int is expected; bools, non-finite values and fractions for ints are refused. `validate` checks the combinations that only make sense together
-(sparsity vs atoms, patch vs latent map, batch vs world size, shards on disk) so a bad run fails before any
-process group starts.
+int is expected; bools, non-finite values and fractions for ints are refused. `validate` checks the combinations
+that only make sense together (sparsity vs atoms, patch vs latent map, batch vs world size, shards on disk) so a
+bad run fails before any process group starts.
 """
 
 from __future__ import annotations
