@@ -11,9 +11,8 @@
 # VQ reconstruction figures copied to $OUT/readme/.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bash "$repo/launch/setup.sh"
 source "$repo/launch/python_env.sh"
-lasers_resolve_python "$repo"
+lasers_setup "$repo"
 py=$LASERS_PY
 cd "$repo"
 

@@ -54,3 +54,11 @@ lasers_export_threads() {
   cores=$(nproc)  # the cores this process may use (GNU nproc honours OMP_NUM_THREADS, which is unset here)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / procs > 0 ? cores / procs : 1 ))}
 }
+
+# lasers_setup REPO: install what REPO needs and is missing (launch/setup.sh), then set LASERS_PY to the
+# interpreter set-up installed into (the same rules, so a .venv created for an externally managed Python is used).
+lasers_setup() {
+  local repo=$1
+  bash "$repo/launch/setup.sh"
+  lasers_resolve_python "$repo"
+}

@@ -6,9 +6,8 @@
 #   NPROC=4 RUN_DIR=runs/qs2 DATA_DIR=data/photos bash launch/quickstart.sh
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bash "$repo/launch/setup.sh"
 source "$repo/launch/python_env.sh"
-lasers_resolve_python "$repo"
+lasers_setup "$repo"
 py=$LASERS_PY
 cd "$repo"
 

@@ -4,9 +4,8 @@
 # they first install slurm-wlm and munge when missing, and they skip with the reason when not root.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bash "$repo/launch/setup.sh"
 source "$repo/launch/python_env.sh"
-lasers_resolve_python "$repo"
+lasers_setup "$repo"
 cd "$repo"
 status=0
 "$LASERS_PY" -m pytest -q "$@" || status=$?
