@@ -103,6 +103,8 @@ def _read_source(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     folder = _checkpoint_folder(source)
     meta = read_meta(folder)
     provenance = {"checkpoint": str(folder.resolve()), "step": str(meta["step"])}
+    if "omp_backend" in meta:
+        provenance["omp_backend"] = str(meta["omp_backend"])
     return _read_safetensors(folder / WEIGHTS_FILE)[0], meta["config"], provenance
 
 
@@ -131,8 +133,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Aut
 
     The result needs no DeepSpeed: `codes = model.encode(images)` (images (B, 3, H, W) in [-1, 1]) gives
     LatentCodes with indices / coeffs of shape (B, S, H', W'), and `model.decode(codes)` the images.
+    `model.config` is the run's Config; `model.provenance` names the checkpoint read and its step.
     """
-    tensors, config, _ = _read_source(path)
+    tensors, config, provenance = _read_source(path)
     cfg = config_from_dict(config)
     model = build_autoencoder(cfg.model)
     weights = {k: v for k, v in tensors.items() if not k.startswith(_DISC_PREFIX)}
@@ -141,6 +144,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Aut
         raise ValueError(f"{path}: weights do not fit the model its config describes "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.config = cfg  # type: ignore[attr-defined]  # kept for callers that need image size etc.
+    # Which checkpoint was read (after any fallback past a damaged one) and its step, as strings: the same
+    # entries an export carries in its metadata.
+    model.provenance = provenance  # type: ignore[attr-defined]
     return model.to(device).eval()
 
 

@@ -28,6 +28,7 @@ from lasers_dist.cli.export import main as export_main
 from lasers_dist.cli.train import main as train_main
 from lasers_dist.cli.train import parse_args, preflight
 from lasers_dist.config import ConfigError, load_config
+from lasers_dist.eval.source import describe_source
 from lasers_dist.train import checkpoint as ckpt
 from train_support import REPO, child_env, run, session_shards, tiny_config, torchrun_command, train_cli, write_config
 
@@ -331,6 +332,10 @@ def test_truncated_checkpoint_is_found_before_any_process_group(reference, tmp_p
         model = lasers_dist.load_pretrained(out)  # the run directory: falls back to step 4
     expected = load_file(out / "checkpoints" / ckpt.step_name(4) / ckpt.WEIGHTS_FILE)
     assert torch.equal(model.state_dict()["bottleneck.dictionary"], expected["bottleneck.dictionary"])
+    # What lasers-eval reports as the source: the checkpoint actually read, not the damaged newest one.
+    source = describe_source(out, model.provenance)
+    assert source.step == 4 and source.checkpoint == str((out / "checkpoints" / ckpt.step_name(4)).resolve())
+    assert source.run_dir == out
     with pytest.raises(ckpt.CheckpointError, match="truncated"):
         lasers_dist.load_pretrained(newest)
     assert export_main([str(newest), str(tmp_path / "x.safetensors")]) == 1

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from lasers_dist.models import Autoencoder
-from lasers_dist.train.checkpoint import read_meta, resolve_resume
 
 PROVENANCE_FILE = "provenance.json"
 
@@ -42,32 +41,21 @@ class ModelSource:
         return path if path is not None and path.is_file() else None
 
 
-def describe_source(source: str | Path) -> ModelSource:
-    """Where SOURCE's weights come from, without loading them (load_pretrained does that)."""
+def describe_source(source: str | Path, provenance: dict[str, str]) -> ModelSource:
+    """Where SOURCE's weights came from, given the `provenance` load_pretrained attached to the model (so the
+    checkpoint named is the one actually read, also when a damaged newer one was skipped)."""
     path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: give a run directory, a checkpoints/step-NNNNNNNN folder "
-                                "or an exported .safetensors file")
-    if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            meta = dict(handle.metadata() or {})
-        meta.pop("config", None)
-        step = int(meta["step"]) if meta.get("step", "").isdigit() else None
-        origin = Path(meta["checkpoint"]).parent.parent if "checkpoint" in meta else None
-        run_dir = origin if origin is not None and origin.is_dir() else None
-        return ModelSource(str(source), str(path.resolve()), step, run_dir, meta)
-    folder = resolve_resume(str(path), path / "checkpoints")
-    meta = read_meta(folder)
-    meta.pop("config", None)
-    run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else None
-    return ModelSource(str(source), str(folder.resolve()), int(meta["step"]), run_dir, meta)
+    origin = provenance.get("checkpoint")
+    step = int(provenance["step"]) if str(provenance.get("step", "")).isdigit() else None
+    run_dir = Path(origin).parent.parent if origin and Path(origin).parent.name == "checkpoints" else None
+    run_dir = run_dir if run_dir is not None and run_dir.is_dir() else None
+    checkpoint = str(path.resolve()) if path.is_file() else str(origin)
+    return ModelSource(str(source), checkpoint, step, run_dir, dict(provenance))
 
 
 def load_model(source: str | Path, device: torch.device) -> tuple[Autoencoder, ModelSource]:
     """(model in eval mode with .config, its ModelSource) from a run directory, checkpoint folder or export."""
     from lasers_dist.pretrained import load_pretrained
 
-    info = describe_source(source)
-    return load_pretrained(source, device=device), info
+    model = load_pretrained(source, device=device)
+    return model, describe_source(source, model.provenance)
